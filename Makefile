@@ -1,0 +1,47 @@
+# circuitexplain: two commands on a fresh machine
+#   make demo   create .venv, install, run the main job on the default zoo model
+#   make test   install the test extras and run the test suite
+# Override TORCH on a GPU machine (e.g. make demo TORCH=torch) : the default is the CPU wheel.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+CE     := $(VENV)/bin/circuitexplain
+TORCH  ?= torch==2.13.0
+MODEL  ?= ioi-2l
+OUT    ?= out
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-test lint bench clean
+
+$(VENV)/.base:
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base pyproject.toml
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.base pyproject.toml
+	$(PIP) install -q -e '.[test,tracr]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODEL=$(MODEL) OUT=$(OUT) CE=$(CE) bash scripts/demo.sh
+
+test: install-test
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check patching circuits graphs explainers evals tests scripts
+
+bench: install
+	$(CE) bench patching --model ioi-2l --out $(OUT)/bench-ioi-2l.json
+	$(CE) bench patching --model greater-than-2l --out $(OUT)/bench-greater-than-2l.json
+
+clean:
+	rm -rf $(VENV) $(OUT) *.egg-info

@@ -1,0 +1,120 @@
+"""Neuronpedia attribution-graph JSON (the format of Neuronpedia's and circuit-tracer's graph viewer).
+
+Validates against ``shared/specs/neuronpedia-graph-schema.json`` (Anthropic attribution-graph schema).
+Mapping (the viewer's graphs have one node per feature per token position; ours have one node per
+component, so every node sits at token position ``ctx_idx = 0``):
+
+========================  ==================================  ============================================
+circuit node              ``feature_type`` / ``layer``        ``node_id`` / ``jsNodeId`` / ``feature``
+========================  ==================================  ============================================
+``embed``                 ``embedding`` / ``"E"``             ``E_0_0`` / ``E_0-0`` / 0
+``pos_embed``             ``embedding`` / ``"E"``             ``E_1_0`` / ``E_1-0`` / 1
+``a{L}.h{H}``             ``lorsa`` (attention unit) / 2L     ``{2L}_{H}_0`` / ``{2L}_{H}-0`` / H
+``m{L}``, ``b{L}``        ``mlp reconstruction error`` / 2L+1 ``{2L+1}_-1_0`` / ``{2L+1}_-1-0`` / -1
+``m{L}.n{I}``, ``f{L}.{I}``  ``cross layer transcoder`` / 2L+1  ``{2L+1}_{I}_0`` / ``{2L+1}_{I}-0`` / I
+``logits``                ``logit`` / 2 * n_layers            ``{2n}_0_0`` / ``L_0-0`` / 0
+========================  ==================================  ============================================
+
+The layer numbers interleave attention (even) and MLP (odd) sub-layers as Neuronpedia does for graphs
+with attention (lorsa) units; a whole MLP (or block) is its sub-layer's "error node": the part of the
+output not split into features. ``clerp`` (the label) is our component id plus its score.
+
+Signs: Neuronpedia's ``weight``/``influence`` are positive when the source pushes the output up, while
+our ``score`` is ``m(ablated) - m(clean)`` (negative when the unit supports the task), so
+``weight = -score`` of the edge (largest-magnitude input for attention edges; 0.0 when unscored) and
+``influence = -score`` of the node (null when unscored). ``qParams.pinnedIds`` pins the in-circuit
+nodes; ``metadata.circuitexplain`` keeps our graph attributes verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from graphs.circuit import package_version, validate
+
+
+def _layer_of_logits(G: nx.DiGraph) -> int:
+    layers = [d["layer"] for _, d in G.nodes(data=True) if d["kind"] != "logits"]
+    return 2 * (max(layers, default=-1) + 1)
+
+
+def node_fields(n: str, d: dict[str, Any], logits_layer: int) -> dict[str, Any]:
+    """The Neuronpedia node for circuit node ``n`` (see the table in the module docstring)."""
+    kind = d["kind"]
+    if kind in ("embed", "pos_embed"):
+        feature = 0 if kind == "embed" else 1
+        layer, node_id, js, ftype = "E", f"E_{feature}_0", f"E_{feature}-0", "embedding"
+    elif kind == "logits":
+        feature = 0
+        layer, node_id, js, ftype = str(logits_layer), f"{logits_layer}_0_0", "L_0-0", "logit"
+    else:
+        sub = 2 * d["layer"] + (0 if kind == "attn_head" else 1)
+        if kind == "attn_head":
+            feature, ftype = d["head"], "lorsa"
+        elif kind in ("mlp", "block"):
+            feature, ftype = -1, "mlp reconstruction error"
+        else:
+            feature, ftype = d["index"], "cross layer transcoder"
+        layer, node_id, js = str(sub), f"{sub}_{feature}_0", f"{sub}_{feature}-0"
+    score = d.get("score")
+    clerp = n if score is None else f"{n} (score {score:+.4g})"
+    return {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": 0, "feature_type": ftype,
+            "jsNodeId": js, "clerp": clerp, "influence": None if score is None else -score,
+            "activation": None, **({"is_target_logit": True} if kind == "logits" else {})}
+
+
+def _slug(G: nx.DiGraph) -> str:
+    text = f"{G.graph['model']}-{G.graph['task']}-{G.graph['method']}".lower()
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "circuit"
+
+
+def to_neuronpedia(G: nx.DiGraph, *, prompt: str | None = None) -> dict[str, Any]:
+    """The Neuronpedia graph JSON of ``G``. ``prompt`` defaults to ``G.graph["prompt"]`` or the task."""
+    validate(G)
+    logits_layer = _layer_of_logits(G)
+    nodes, ids = [], {}
+    for n, d in G.nodes(data=True):
+        fields = node_fields(n, d, logits_layer)
+        if fields["node_id"] in ids.values():
+            other = next(k for k, v in ids.items() if v == fields["node_id"])
+            raise ValueError(f"node {n}: Neuronpedia id {fields['node_id']} is taken by node {other}")
+        ids[n] = fields["node_id"]
+        nodes.append(fields)
+    links = [{"source": ids[u], "target": ids[v], "weight": -float(d.get("score", 0.0)) + 0.0}
+             for u, v, d in G.edges(data=True)]
+    prompt = prompt or str(G.graph.get("prompt", f"task: {G.graph['task']}"))
+    created = G.graph["created"]
+    try:
+        create_ms = datetime.fromisoformat(created).timestamp() * 1000.0
+    except ValueError:
+        create_ms = 0.0
+    metadata: dict[str, Any] = {
+        "slug": _slug(G), "scan": str(G.graph["model"]), "prompt_tokens": prompt.split(), "prompt": prompt,
+        "info": {
+            "description": (f"{G.graph['task']} circuit found by {G.graph['method']} "
+                            f"({G.graph['ablation']} ablation, metric {G.graph['metric']})"),
+            "generator": {"name": "circuitexplain", "version": package_version()},
+            "create_time_ms": create_ms,
+        },
+        "circuitexplain": dict(G.graph),
+    }
+    for key in ("prune_threshold",):
+        if key in G.graph:
+            metadata["pruning_settings"] = {"edge_threshold": float(G.graph[key])}
+    pinned = [ids[n] for n, d in G.nodes(data=True) if d.get("in_circuit")]
+    return {"metadata": metadata,
+            "qParams": {"pinnedIds": pinned, "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+            "nodes": nodes, "links": links}
+
+
+def export(G: nx.DiGraph, path: str | Path) -> Path:
+    """Write ``G`` as Neuronpedia graph JSON."""
+    path = Path(path)
+    path.write_text(json.dumps(to_neuronpedia(G), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path

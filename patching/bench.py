@@ -1,0 +1,190 @@
+"""Timing benchmark of the patching engine against naive patching and plain forward passes.
+
+For one model and one task batch of ``B`` examples, one *ablation* means the whole batch run under
+one mask. Measured (wall clock, best of ``repeats``):
+
+* ``naive_s_per_ablation``: one hooked forward per ablation (the textbook loop: a hook that writes
+  the node's resampled / mean / zero activation, ``model.hooks`` around one ``model(tokens)``), over
+  every head and MLP;
+* ``batched_s_per_ablation``: :class:`patching.exact.NodePatcher` running the same single-node
+  masks, ``chunk`` masks per forward;
+* ``batched_edge_s_per_ablation``: :class:`patching.exact.EdgePatcher` running random edge sets
+  (each edge ablated with probability 1/2), ``chunk`` masks per forward;
+* ``plain_forward_s_per_example``: an unhooked forward on the ``B`` clean prompts, divided by ``B``;
+* ``eap_forward_backward_units`` / ``eap_ig_forward_backward_units``: wall time of :func:`eap` /
+  :func:`eap_ig` (setup included) in units of one forward + backward (parameter gradients of the
+  metric) on the ``B`` clean prompts.
+
+Per-example ratios compare ``batched_s_per_ablation / B`` with ``plain_forward_s_per_example``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from patching.ablation import ablation_values
+from patching.attribution import eap, eap_ig
+from patching.batch import TaskBatch
+from patching.exact import EdgePatcher, NodePatcher
+from patching.graph import ComponentGraph
+from patching.metrics import gather_pos, get_metric
+from patching.wiring import Wiring, prepared
+
+log = logging.getLogger(__name__)
+
+KEYS = ("naive_s_per_ablation", "batched_s_per_ablation", "batched_edge_s_per_ablation",
+        "plain_forward_s_per_example", "eap_forward_backward_units", "eap_ig_forward_backward_units")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Benchmark settings (``chunk`` masks per batched forward; ``n_edge_masks`` random edge sets)."""
+
+    ablation: str = "resample"
+    metric: str = "logit_diff"
+    chunk: int = 32
+    n_edge_masks: int = 64
+    repeats: int = 5
+    ig_steps: int = 5
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchConfig:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best wall time of each function over ``repeats`` round-robin rounds (after one warm-up each), so a
+    burst of load from other processes spoils one sample of every figure rather than all of one."""
+    for fn in fns.values():
+        fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def _naive(model: Any, wiring: Wiring, batch: TaskBatch, abl: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One hooked forward per head / MLP / block: the loop the engine replaces."""
+    jobs: list[list[tuple[str, Callable[..., Any]]]] = []
+    for g in wiring.senders:
+        for u in range(g.n if g.kind in ("heads", "mlp", "block") else 0):
+            value = abl[g.key][..., u, :]
+            if g.kind == "heads":
+                def fn(x: torch.Tensor, hook: Any, _u: int = u, _v: torch.Tensor = value) -> torch.Tensor:
+                    x = x.clone()
+                    x[:, :, _u] = _v
+                    return x
+                jobs.append([(g.hook, fn)])
+            elif g.kind == "mlp":
+                jobs.append([(g.hook, lambda x, hook, _v=value: _v.expand_as(x).clone())])
+            else:  # a block: output = input + ablated contribution
+                seen: dict[str, torch.Tensor] = {}
+                jobs.append([(g.in_hook, lambda x, hook, _s=seen: _s.__setitem__("in", x)),
+                             (g.hook, lambda x, hook, _s=seen, _v=value: _s["in"] + _v)])
+
+    def run() -> None:
+        with torch.no_grad():
+            for hooks in jobs:
+                with model.hooks(fwd_hooks=hooks):
+                    model(batch.clean)
+    return run
+
+
+def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); returns the figures as a json-able dict."""
+    torch.manual_seed(config.seed)
+    graph = ComponentGraph.from_model(model)
+    B = len(batch)
+    out: dict[str, Any] = {"model": graph.meta.get("model", ""), "batch_size": B, "positions": int(batch.clean.shape[1]),
+                           "chunk": config.chunk, "torch_threads": torch.get_num_threads(),
+                           "n_nodes": graph.n_nodes, "n_edges": graph.n_edges,
+                           "qkv_path": graph.meta.get("qkv_path"), "config": config.to_dict()}
+    npatch = NodePatcher(model, graph, batch, ablation=config.ablation, metric=config.metric, chunk_size=config.chunk)
+    w, b = npatch.wiring, npatch.batch
+    with torch.no_grad(), prepared(model):
+        abl, _ = ablation_values(w, b, npatch.clean_units, config.ablation)
+    naive = _naive(model, w, b, abl)
+    n_naive = sum(1 for n in graph.nodes if n.kind in ("attn_head", "mlp", "block"))
+    ablatable = [i for i, n in enumerate(graph.nodes) if n.kind in ("attn_head", "mlp", "block")]
+    reps = max(1, -(-config.chunk // len(ablatable)))
+    cols = torch.tensor(ablatable * reps)
+    masks = torch.zeros(len(cols), graph.n_nodes, dtype=torch.bool)
+    masks[torch.arange(len(cols)), cols] = True
+
+    def in_eval(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with prepared(model):
+                return fn()
+        return run
+
+    fns: dict[str, Callable[[], Any]] = {
+        "naive": in_eval(naive), "node": lambda: npatch.run(masks),
+        "plain": in_eval(lambda: _plain_forward(model, b)),
+        "unit": in_eval(lambda: _forward_backward(model, b, config.metric)),
+    }
+    if graph.supports_edges:
+        epatch = EdgePatcher(model, graph, batch, ablation=config.ablation, metric=config.metric,
+                             chunk_size=config.chunk)
+        g = torch.Generator().manual_seed(config.seed)
+        emasks = torch.rand(config.n_edge_masks, graph.n_edges, generator=g) < 0.5
+        fns["edge"] = lambda: epatch.run(emasks)
+        fns["eap"] = lambda: eap(model, graph, batch, ablation=config.ablation, metric=config.metric)
+        fns["eap_ig"] = lambda: eap_ig(model, graph, batch, ablation=config.ablation, metric=config.metric,
+                                       steps=config.ig_steps)
+    t = _timed(fns, config.repeats)
+    out["naive_s_per_ablation"] = t["naive"] / n_naive
+    out["batched_s_per_ablation"] = t["node"] / len(cols)
+    out["plain_forward_s_per_example"] = t["plain"] / B
+    out["forward_backward_s"] = t["unit"]
+    out["naive_vs_batched_speedup"] = out["naive_s_per_ablation"] / out["batched_s_per_ablation"]
+    out["batched_node_vs_plain_per_example"] = out["batched_s_per_ablation"] / B / out["plain_forward_s_per_example"]
+    if graph.supports_edges:
+        out["batched_edge_s_per_ablation"] = t["edge"] / config.n_edge_masks
+        out["batched_edge_vs_plain_per_example"] = (out["batched_edge_s_per_ablation"] / B
+                                                    / out["plain_forward_s_per_example"])
+        out["eap_forward_backward_units"] = t["eap"] / t["unit"]
+        out["eap_ig_forward_backward_units"] = t["eap_ig"] / t["unit"]
+    else:
+        for k in ("batched_edge_s_per_ablation", "eap_forward_backward_units", "eap_ig_forward_backward_units"):
+            out[k] = None
+        out["note"] = graph.meta.get("edge_reason", "")
+    return out
+
+
+def _plain_forward(model: Any, batch: TaskBatch) -> None:
+    with torch.no_grad():
+        model(batch.clean)
+
+
+def _forward_backward(model: Any, batch: TaskBatch, metric: str) -> None:
+    logits = gather_pos(model(batch.clean), batch.pos)
+    get_metric(metric, logits.detach())(logits, batch).mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The figures as an aligned two-column table."""
+    rows = [(k, result.get(k)) for k in (*KEYS, "naive_vs_batched_speedup", "batched_node_vs_plain_per_example",
+                                         "batched_edge_vs_plain_per_example", "forward_backward_s")]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{result.get('model', '')}: batch {result.get('batch_size')} x {result.get('positions')} tokens, "
+             f"chunk {result.get('chunk')}, {result.get('torch_threads')} torch threads"]
+    for k, v in rows:
+        lines.append(f"  {k:<{width}}  {'n/a' if v is None else f'{v:.4g}'}")
+    return "\n".join(lines)
+
+
+__all__ = ["BenchConfig", "bench_patching", "format_table", "KEYS"]

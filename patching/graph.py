@@ -1,0 +1,256 @@
+"""The component graph of a TransformerBridge: the units the engine ablates and the edges between them.
+
+Nodes (ids as in docs/architecture.md):
+
+* ``embed`` (``hook_embed``) and ``pos_embed`` (``hook_pos_embed``, only when the model has learned
+  absolute positions);
+* every attention head ``a{L}.h{H}``. Its output is ``hook_z[..., H, :] @ W_O[H]`` (what
+  ``blocks.L.attn.hook_result`` shows when per-head results are switched on). The attention output
+  bias ``b_O`` is not per-head: it is a constant of the residual stream that no edge carries;
+* every MLP ``m{L}`` (``blocks.L.hook_mlp_out``), except MLPs whose output projection is identically
+  zero (the zoo's attention-only models keep zeroed MLPs) and all MLPs when the config says
+  ``attn_only`` or ``circuitexplain_attn_only``;
+* optionally every neuron ``m{L}.n{I}`` (``blocks.L.mlp.hook_post``): node-level only, never an edge
+  end point;
+* ``logits`` (input ``ln_final.hook_in``), the sink.
+
+Edges (auto-circuit's residual graph, Miller et al. 2024): every sender -> receiver pair the
+residual stream allows. Sender order is the residual order (``embed``, ``pos_embed``, layer 0 heads,
+``m0``, layer 1 heads, ...); attention of layer L reads everything before layer L, the MLP of layer L
+also reads the heads of layer L. Attention receivers are split into their ``q``, ``k`` and ``v``
+inputs (``a0.h1->a1.h2<k>``).
+
+Model families:
+
+* HF-backed bridges whose attention supports ``use_split_qkv_input`` (GPT-2, Llama, ... style):
+  per-head q/k/v inputs are ``blocks.L.attn.hook_{q,k,v}_input`` (pre-ln1 residual copies per head),
+  the MLP input is ``blocks.L.ln2.hook_in`` and the logits input ``ln_final.hook_in`` (editing those
+  changes only the branch input, never the residual stream).
+* Bridges without that fork (``TransformerBridge.boot_native`` models, plain ``AttentionBridge``):
+  the engine emulates the per-head fork at ``blocks.L.attn.hook_{q,k,v}``: head h's query becomes
+  ``ln1(x + delta_h) @ W_Q[h] + b_Q[h]`` with ``x`` read at ``blocks.L.ln1.hook_in`` (exact, see
+  ``patching/wiring.py``); ``qkv_path`` in :attr:`ComponentGraph.meta` says which one is used.
+* Recurrent / state-space / hybrid bridges (Mamba, RWKV, ...: blocks without an ``attn`` component)
+  get node-level patching only: nodes ``embed``, ``b{L}`` (a whole block: its contribution
+  ``blocks.L.hook_out - blocks.L.hook_in``) and ``logits``, ``supports_edges=False``. Edge calls
+  raise a ``ValueError`` naming the reason, as they do for grouped-query attention (k/v inputs are
+  shared between query heads) and parallel attention/MLP blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+NODE_KINDS = ("embed", "pos_embed", "attn_head", "mlp", "neuron", "block", "logits")
+QKV = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One component. ``hook`` is the output hook for senders (TransformerLens name), the input hook
+    for ``logits``; ``index`` is the neuron index for ``neuron`` nodes."""
+
+    id: str
+    kind: str
+    layer: int | None
+    head: int | None = None
+    index: int | None = None
+    hook: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "layer": self.layer, "head": self.head,
+                "index": self.index, "hook": self.hook}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Node:
+        return cls(d["id"], d["kind"], d.get("layer"), d.get("head"), d.get("index"), d.get("hook", ""))
+
+
+@dataclass(frozen=True)
+class Edge:
+    """``sender -> receiver``; ``input`` is ``q``/``k``/``v`` for attention receivers, else None."""
+
+    sender: str
+    receiver: str
+    input: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.sender}->{self.receiver}" + (f"<{self.input}>" if self.input else "")
+
+    @classmethod
+    def parse(cls, edge_id: str) -> Edge:
+        """The edge named ``a0.h1->a1.h2<k>`` (raises ``ValueError`` on a malformed id)."""
+        if "->" not in edge_id:
+            raise ValueError(f"edge id {edge_id!r} has no '->'")
+        sender, receiver = edge_id.split("->", 1)
+        inp = None
+        if receiver.endswith(">") and "<" in receiver:
+            receiver, inp = receiver[:-1].split("<", 1)
+            if inp not in QKV:
+                raise ValueError(f"edge id {edge_id!r}: input must be one of q, k, v")
+        return cls(sender, receiver, inp)
+
+
+@dataclass(frozen=True, eq=False)
+class ComponentGraph:
+    """Nodes and edges of one model (see the module docstring). Build with :meth:`from_model`.
+
+    Attributes:
+        nodes: senders in residual order, then ``logits`` (neuron nodes follow their MLP).
+        edges: grouped by receiver in residual order; within an attention receiver by input
+            (q, k, v); within a receiver input by sender order.
+        supports_edges: False for models with node-level patching only (``meta['edge_reason']``).
+        meta: json-able facts the engine needs (hooks, paths, sizes).
+    """
+
+    nodes: tuple[Node, ...]
+    edges: tuple[Edge, ...]
+    supports_edges: bool
+    meta: dict[str, Any] = field(default_factory=dict)
+    node_index: dict[str, int] = field(init=False, repr=False)
+    edge_index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ni = {n.id: i for i, n in enumerate(self.nodes)}
+        if len(ni) != len(self.nodes):
+            raise ValueError("ComponentGraph: duplicate node ids")
+        ei = {e.id: i for i, e in enumerate(self.edges)}
+        if len(ei) != len(self.edges):
+            raise ValueError("ComponentGraph: duplicate edge ids")
+        for e in self.edges:
+            if e.sender not in ni or e.receiver not in ni:
+                raise ValueError(f"ComponentGraph: edge {e.id} names an unknown node")
+        object.__setattr__(self, "node_index", ni)
+        object.__setattr__(self, "edge_index", ei)
+
+    # ---- sizes and views -------------------------------------------------------------------
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edges)
+
+    @property
+    def neurons(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.kind == "neuron")
+
+    @property
+    def n_neurons(self) -> int:
+        return sum(1 for n in self.nodes if n.kind == "neuron")
+
+    @property
+    def senders(self) -> tuple[str, ...]:
+        """Edge senders in residual order."""
+        return tuple(self.meta.get("senders", ()))
+
+    def node(self, node_id: str) -> Node:
+        if node_id not in self.node_index:
+            raise KeyError(f"unknown node {node_id!r}")
+        return self.nodes[self.node_index[node_id]]
+
+    def incoming(self, receiver: str, input: str | None = None) -> list[int]:
+        """Indices of the edges into ``receiver`` (one input of it when ``input`` is given)."""
+        return [i for i, e in enumerate(self.edges)
+                if e.receiver == receiver and (input is None or e.input == input)]
+
+    def outgoing(self, sender: str) -> list[int]:
+        return [i for i, e in enumerate(self.edges) if e.sender == sender]
+
+    def edge_mask(self, ids: list[str] | tuple[str, ...] | set[str]) -> Bool[Tensor, " E"]:
+        """A boolean vector over edges, True at the given edge ids."""
+        mask = torch.zeros(self.n_edges, dtype=torch.bool)
+        for i in ids:
+            if i not in self.edge_index:
+                raise KeyError(f"unknown edge {i!r}")
+            mask[self.edge_index[i]] = True
+        return mask
+
+    def node_mask(self, ids: list[str] | tuple[str, ...] | set[str]) -> Bool[Tensor, " N"]:
+        """A boolean vector over nodes, True at the given node ids."""
+        mask = torch.zeros(self.n_nodes, dtype=torch.bool)
+        for i in ids:
+            mask[self.node_index[self.node(i).id]] = True
+        return mask
+
+    def require_edges(self, where: str) -> None:
+        """Raise a one-line ``ValueError`` when this graph cannot do edge patching."""
+        if not self.supports_edges:
+            raise ValueError(f"{where}: model {self.meta.get('model', '?')!r} supports node-level "
+                             f"patching only ({self.meta.get('edge_reason', 'no edges')})")
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Json-able description (for provenance); :meth:`from_dict` restores it."""
+        return {"nodes": [n.to_dict() for n in self.nodes], "edges": [e.id for e in self.edges],
+                "supports_edges": self.supports_edges, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ComponentGraph:
+        return cls(tuple(Node.from_dict(n) for n in d["nodes"]), tuple(Edge.parse(e) for e in d["edges"]),
+                   bool(d["supports_edges"]), dict(d.get("meta", {})))
+
+    @classmethod
+    def from_model(cls, model: Any, *, neurons: bool = False) -> ComponentGraph:
+        """The component graph of ``model`` (a TransformerBridge); ``neurons`` adds MLP neurons."""
+        from patching.model_info import inspect_model
+
+        info = inspect_model(model)
+        return build_graph(info, neurons=neurons)
+
+
+def build_graph(info: dict[str, Any], *, neurons: bool = False) -> ComponentGraph:
+    """Pure construction of the graph from :func:`patching.model_info.inspect_model`'s facts."""
+    meta = dict(info)
+    nodes: list[Node] = [Node("embed", "embed", None, hook="hook_embed")]
+    if info["pos_embed"]:
+        nodes.append(Node("pos_embed", "pos_embed", None, hook="hook_pos_embed"))
+    senders = [n.id for n in nodes]
+    # prefix[r] = number of senders a receiver reads, keyed by (kind, layer)
+    prefix: dict[tuple[str, int], int] = {}
+    if info["family"] == "recurrent":
+        for L in range(info["n_layers"]):
+            nodes.append(Node(f"b{L}", "block", L, hook=f"blocks.{L}.hook_out"))
+        nodes.append(Node("logits", "logits", None, hook=info["logits_hook"]))
+        meta["senders"] = []
+        return ComponentGraph(tuple(nodes), (), False, meta)
+
+    mlp_layers = set(info["mlp_layers"])
+    for L in range(info["n_layers"]):
+        prefix[("attn", L)] = len(senders)
+        for h in range(info["n_heads"]):
+            nodes.append(Node(f"a{L}.h{h}", "attn_head", L, head=h, hook=f"blocks.{L}.attn.hook_result"))
+            senders.append(f"a{L}.h{h}")
+        if L in mlp_layers:
+            prefix[("mlp", L)] = len(senders) - (info["n_heads"] if info["parallel"] else 0)
+            nodes.append(Node(f"m{L}", "mlp", L, hook=f"blocks.{L}.hook_mlp_out"))
+            senders.append(f"m{L}")
+            if neurons:
+                nodes.extend(Node(f"m{L}.n{i}", "neuron", L, index=i, hook=f"blocks.{L}.mlp.hook_post")
+                             for i in range(info["d_mlp"]))
+    nodes.append(Node("logits", "logits", None, hook=info["logits_hook"]))
+    meta["senders"] = senders
+
+    edges: list[Edge] = []
+    if info["supports_edges"]:
+        for L in range(info["n_layers"]):
+            for h in range(info["n_heads"]):
+                for inp in QKV:
+                    edges.extend(Edge(s, f"a{L}.h{h}", inp) for s in senders[: prefix[("attn", L)]])
+            if L in mlp_layers:
+                edges.extend(Edge(s, f"m{L}") for s in senders[: prefix[("mlp", L)]])
+        edges.extend(Edge(s, "logits") for s in senders)
+    return ComponentGraph(tuple(nodes), tuple(edges), bool(info["supports_edges"]), meta)
+
+
+__all__ = ["Node", "Edge", "ComponentGraph", "build_graph", "NODE_KINDS", "QKV"]

@@ -1,0 +1,308 @@
+"""Where the engine reads and writes: sender and receiver groups of a (model, graph) pair.
+
+A *sender group* is the set of graph units whose output one hook produces (``hook_embed``; the heads
+of a layer at ``hook_z``; an MLP at ``hook_mlp_out``; a layer's neurons at ``mlp.hook_post``; a block
+of a recurrent model). Activations are handled in *unit form* ``[N, P, n, f]`` (n units of f features:
+embed ``[N, P, 1, d]``, heads ``[N, P, H, d_head]``, neurons ``[N, P, m, 1]``); ablation values are
+stored in that form, and :meth:`SenderGroup.out` maps unit form to each unit's residual-stream
+output ``[N, P, n, d_model]`` (for heads ``z_h @ W_O[h]``).
+
+A *receiver group* is one input of one layer's receivers (the q inputs of all heads of layer L, the
+MLP input of layer L, the logits input) with an index tensor ``edge_idx [R, S_r]``: the edge index of
+(receiver r, sender s) for the ``S_r`` senders it reads (always a prefix of the sender order). With
+``qkv_path == "split"`` the q/k/v groups edit ``blocks.L.attn.hook_{q,k,v}_input`` (TransformerLens'
+per-head residual copies, ``use_split_qkv_input``). With ``qkv_path == "projected"`` (the default when
+valid: no per-head fork of the whole residual stream, ~1.7x faster) they hook
+``blocks.L.attn.hook_{q,k,v}`` and give head h the residual-space input ``x + delta_h`` by recomputing
+``q_h = ln1(x + delta_h) @ W_Q[h] + b_Q[h]`` with ``x`` read at ``blocks.L.ln1.hook_in`` (without a
+norm, ``q_h += delta_h @ W_Q[h]``); ``inspect_model`` checks on a tiny input that ``hook_q`` really is
+``ln1(x) @ W_Q + b_Q`` before it lets a graph use this path.
+
+Everything is built once per patcher; the hooks in ``exact.py`` / ``attribution.py`` only index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from patching.graph import QKV, ComponentGraph
+from patching.model_info import model_device, model_dtype
+from patching.norms import fused_norm_projection
+
+Hook = tuple[str, Callable[..., Any]]
+
+
+@dataclass
+class SenderGroup:
+    i: int                      # position in Wiring.senders
+    key: str                    # "embed", "pos_embed", "attn3", "mlp3", "neurons3", "block3"
+    kind: str                   # "embed", "pos_embed", "heads", "mlp", "neurons", "block"
+    layer: int | None
+    hook: str
+    node_idx: Tensor            # [n] graph node indices of the units
+    s0: int | None = None       # slice of the sender order (edge senders only)
+    s1: int | None = None
+    W_O: Tensor | None = None   # heads: [H, d_head, d_model]
+    in_hook: str | None = None  # blocks: where the block input is read
+
+    @property
+    def n(self) -> int:
+        return int(self.node_idx.numel())
+
+    def units(self, x: Tensor, block_in: Tensor | None = None) -> Tensor:
+        if self.kind == "heads":
+            return x
+        if self.kind == "neurons":
+            return x.unsqueeze(-1)
+        if self.kind == "block":
+            return (x - block_in).unsqueeze(-2)
+        return x.unsqueeze(-2)
+
+    def from_units(self, u: Tensor, block_in: Tensor | None = None) -> Tensor:
+        if self.kind == "heads":
+            return u
+        if self.kind == "neurons":
+            return u.squeeze(-1)
+        if self.kind == "block":
+            return block_in + u.squeeze(-2)
+        return u.squeeze(-2)
+
+    def out(self, u: Tensor) -> Tensor:
+        """Residual-stream output of each unit, ``[..., n, d_model]``."""
+        if self.kind == "heads":
+            return torch.einsum("...hf,hfm->...hm", u, self.W_O)
+        return u
+
+
+@dataclass
+class ReceiverGroup:
+    i: int
+    key: str                     # "a3.q", "m3", "logits"
+    layer: int | None
+    input: str | None
+    hook: str
+    mode: str                    # "split" [N,P,R,d] | "resid" [N,P,d] | "projected" (hook_q/k/v)
+    edge_idx: Tensor             # [R, S_r]
+    W: Tensor | None = None      # projected: [H, d_model, d_head]
+    b: Tensor | None = None      # projected: [H, d_head] (None: no bias)
+    ln: Any = None               # projected: ln1's module (None when the model has no norm)
+    ln_hook: str | None = None
+    fused: Any = None            # projected: patching.norms.fused_norm_projection(ln, W, b) or None
+
+    @property
+    def R(self) -> int:
+        return int(self.edge_idx.shape[0])
+
+    @property
+    def prefix(self) -> int:
+        return int(self.edge_idx.shape[1])
+
+    def apply(self, x: Tensor, add: Tensor, resid: Tensor | None) -> Tensor:
+        """Receiver input ``x`` (as its hook sees it, ``N = K * B`` rows) given the residual-space change
+        ``add [K, R, B*P, d]`` of each of the ``R`` receivers; ``resid`` is ln1's input (projected mode)."""
+        K, R = add.shape[0], add.shape[1]
+        N, P = x.shape[0], x.shape[1]
+
+        def rows_first(t: Tensor) -> Tensor:  # [K, R, B*P, f] -> [N, P, R, f]
+            return t.view(K, R, N // K, P, -1).permute(0, 2, 3, 1, 4).reshape(N, P, R, -1)
+
+        if self.mode == "resid":
+            return x + add.view(x.shape)
+        if self.mode == "split":
+            return x + rows_first(add)
+        if self.ln is None:  # linear: the change of the input maps straight through W
+            return x + rows_first(torch.matmul(add, self.W))
+        y = resid.reshape(K, 1, -1, resid.shape[-1]) + add
+        if self.fused is not None:
+            return rows_first(self.fused(y))
+        out = rows_first(torch.matmul(self.ln(y), self.W))
+        return out if self.b is None else out + self.b
+
+
+def projection(attn: Any, inp: str, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """``(W [H, d_model, d_head], b [H, d_head] | None)`` of an attention bridge's q, k or v projection."""
+    W = {"q": attn.W_Q, "k": attn.W_K, "v": attn.W_V}[inp].detach().to(dtype)
+    b = {"q": attn.b_Q, "k": attn.b_K, "v": attn.b_V}[inp]
+    return W, None if b is None else b.detach().to(dtype)
+
+
+class Wiring:
+    """Sender and receiver groups of ``graph`` on ``model`` (see the module docstring)."""
+
+    def __init__(self, model: Any, graph: ComponentGraph, *, qkv_path: str | None = None):
+        self.model, self.graph = model, graph
+        self.device, self.dtype = model_device(model), model_dtype(model)
+        meta = graph.meta
+        self.family = meta.get("family", "transformer")
+        self.qkv_path = qkv_path or meta.get("qkv_path", "split")
+        if graph.supports_edges and self.qkv_path not in meta.get("qkv_paths", [self.qkv_path]):
+            raise ValueError(f"qkv_path {self.qkv_path!r} is not available for {meta.get('model', 'this model')}; "
+                             f"choose one of {meta.get('qkv_paths')}")
+        self.d_model = int(meta["d_model"])
+        self.S = len(graph.senders)
+        self.senders: list[SenderGroup] = []
+        self.receivers: list[ReceiverGroup] = []
+        self._build_senders()
+        if graph.supports_edges and graph.n_edges:
+            self._build_receivers()
+        # edge -> sender position, for activity checks
+        sidx = {s: i for i, s in enumerate(graph.senders)}
+        self.edge_sender = torch.tensor([sidx[e.sender] for e in graph.edges], dtype=torch.long,
+                                        device=self.device)
+
+    # ---- construction ---------------------------------------------------------------------
+    def _idx(self, ids: list[str]) -> Tensor:
+        return torch.tensor([self.graph.node_index[i] for i in ids], dtype=torch.long, device=self.device)
+
+    def _add_sender(self, **kw: Any) -> None:
+        self.senders.append(SenderGroup(i=len(self.senders), **kw))
+
+    def _build_senders(self) -> None:
+        g, order = self.graph, {s: i for i, s in enumerate(self.graph.senders)}
+        by_layer: dict[tuple[str, int | None], list[str]] = {}
+        for n in g.nodes:
+            if n.kind != "logits":
+                by_layer.setdefault((n.kind, n.layer), []).append(n.id)
+        for (kind, layer), ids in by_layer.items():
+            s0 = order.get(ids[0])
+            s1 = None if s0 is None else s0 + len(ids)
+            if kind in ("embed", "pos_embed"):
+                self._add_sender(key=kind, kind=kind, layer=None, hook=f"hook_{kind}", node_idx=self._idx(ids),
+                                 s0=s0, s1=s1)
+            elif kind == "attn_head":
+                heads = [g.node(i).head for i in ids]
+                if heads != list(range(len(heads))):
+                    raise ValueError(f"graph lists heads of layer {layer} out of order: {heads}")
+                W_O = self.model.blocks[layer].attn.W_O.detach().to(self.dtype)
+                self._add_sender(key=f"attn{layer}", kind="heads", layer=layer,
+                                 hook=f"blocks.{layer}.attn.hook_z", node_idx=self._idx(ids), s0=s0, s1=s1,
+                                 W_O=W_O)
+            elif kind == "mlp":
+                self._add_sender(key=f"mlp{layer}", kind="mlp", layer=layer, hook=f"blocks.{layer}.hook_mlp_out",
+                                 node_idx=self._idx(ids), s0=s0, s1=s1)
+            elif kind == "neuron":
+                index = [g.node(i).index for i in ids]
+                if index != list(range(len(index))):
+                    raise ValueError(f"graph lists neurons of layer {layer} partially or out of order")
+                self._add_sender(key=f"neurons{layer}", kind="neurons", layer=layer,
+                                 hook=f"blocks.{layer}.mlp.hook_post", node_idx=self._idx(ids))
+            elif kind == "block":
+                self._add_sender(key=f"block{layer}", kind="block", layer=layer, hook=f"blocks.{layer}.hook_out",
+                                 in_hook=f"blocks.{layer}.hook_in", node_idx=self._idx(ids))
+            else:
+                raise ValueError(f"unknown node kind {kind!r}")
+
+    def _build_receivers(self) -> None:
+        g = self.graph
+        groups: dict[tuple[str, str | None], list[list[int]]] = {}
+        rows: dict[tuple[str, str | None], list[int]] = {}
+        for i, e in enumerate(g.edges):
+            rows.setdefault((e.receiver, e.input), []).append(i)
+        meta = g.meta
+        # one group per (layer component, input); receivers inside a group share a sender prefix
+        for (recv, inp), idx in rows.items():
+            node = g.node(recv)
+            gkey = (f"a{node.layer}.{inp}" if node.kind == "attn_head" else recv, inp)
+            groups.setdefault(gkey, []).append(idx)
+        for (key, inp), lists in groups.items():
+            if len({len(x) for x in lists}) != 1:
+                raise ValueError(f"receiver group {key}: receivers read different sender sets")
+            edge_idx = torch.tensor(lists, dtype=torch.long, device=self.device)
+            first = g.edges[lists[0][0]]
+            node = g.node(first.receiver)
+            L = node.layer
+            if node.kind == "attn_head":
+                heads = [g.node(g.edges[x[0]].receiver).head for x in lists]
+                if heads != list(range(int(meta["n_heads"]))):
+                    raise ValueError(f"receiver group {key}: edges into heads {heads} are not one per head in order")
+            kw: dict[str, Any] = dict(i=len(self.receivers), key=key, layer=L, input=inp, edge_idx=edge_idx)
+            if node.kind == "logits":
+                self.receivers.append(ReceiverGroup(hook=meta["logits_hook"], mode="resid", **kw))
+            elif node.kind == "mlp":
+                self.receivers.append(ReceiverGroup(hook=meta["mlp_in_hooks"][str(L)], mode="resid", **kw))
+            elif self.qkv_path == "split":
+                self.receivers.append(ReceiverGroup(hook=f"blocks.{L}.attn.hook_{inp}_input", mode="split", **kw))
+            else:
+                attn = self.model.blocks[L].attn
+                W, b = projection(attn, inp, self.dtype)
+                ln = None if meta.get("normalization") is None else self.model.blocks[L].ln1.original_component
+                fused = None if ln is None else fused_norm_projection(ln, W, b)
+                self.receivers.append(ReceiverGroup(hook=f"blocks.{L}.attn.hook_{inp}", mode="projected", W=W,
+                                                    b=b, ln=ln, fused=fused, ln_hook=f"blocks.{L}.ln1.hook_in", **kw))
+        order = {s: i for i, s in enumerate(g.senders)}
+        for r in self.receivers:  # sanity: every group reads a sender prefix in order
+            senders = [order[g.edges[int(j)].sender] for j in r.edge_idx[0].tolist()]
+            if senders != list(range(len(senders))):
+                raise ValueError(f"receiver group {r.key}: senders are not a prefix of the residual order")
+        assert all(e.input in (None, *QKV) for e in g.edges)
+
+    # ---- helpers used by the runners ------------------------------------------------------
+    def ln_hooks(self, scratch: dict[str, Tensor]) -> list[Hook]:
+        """Hooks that record each projected layer's ln1 input (and each block input) in ``scratch``."""
+        hooks: list[Hook] = []
+        seen: set[str] = set()
+        names = [r.ln_hook for r in self.receivers if r.mode == "projected"]
+        names += [s.in_hook for s in self.senders if s.in_hook]
+        for name in names:
+            if name and name not in seen:
+                seen.add(name)
+
+                def keep(x: Tensor, hook: Any, _n: str = name) -> None:
+                    scratch[_n] = x
+                hooks.append((name, keep))
+        return hooks
+
+    def capture_hooks(self, store: dict[str, Tensor], scratch: dict[str, Tensor]) -> list[Hook]:
+        """Hooks recording every sender group's activation (unit form, detached) in ``store``."""
+        hooks = self.ln_hooks(scratch) if any(s.in_hook for s in self.senders) else []
+        for s in self.senders:
+            def keep(x: Tensor, hook: Any, _s: SenderGroup = s) -> None:
+                blk = scratch.get(_s.in_hook) if _s.in_hook else None
+                store[_s.key] = _s.units(x, blk).detach().clone()
+            hooks.append((s.hook, keep))
+        return hooks
+
+    def capture(self, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One forward on ``tokens``: the logits ``[B, P, V]`` and every sender group's units."""
+        store: dict[str, Tensor] = {}
+        scratch: dict[str, Tensor] = {}
+        with self.model.hooks(fwd_hooks=self.capture_hooks(store, scratch)):
+            logits = self.model(tokens)
+        return logits, store
+
+    def needs_split(self) -> bool:
+        return any(r.mode == "split" for r in self.receivers)
+
+
+
+
+@contextmanager
+def prepared(model: Any, *, split_qkv: bool = False):
+    """Eval mode, ``use_split_qkv_input == split_qkv`` and ``use_attn_result`` off (the engine derives
+    per-head outputs from ``hook_z``; the fused output projection is faster); all restored in ``finally``."""
+    was_training = model.training
+    flags = {"use_split_qkv_input": split_qkv, "use_attn_result": False}
+    prev = {k: bool(getattr(model.cfg, k, False)) for k in flags}
+    changed: list[str] = []
+    model.eval()
+    try:
+        for k, want in flags.items():
+            if prev[k] != want:
+                getattr(model, f"set_{k}")(want)
+                changed.append(k)
+        yield model
+    finally:
+        try:
+            for k in reversed(changed):
+                getattr(model, f"set_{k}")(prev[k])
+        finally:
+            model.train(was_training)
+
+
+__all__ = ["Wiring", "SenderGroup", "ReceiverGroup", "prepared"]

@@ -1,3 +1,4 @@
+import functools
 import os
 import random
 
@@ -16,3 +17,27 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@functools.cache
+def _load_zoo_model(name: str):
+    from circuits.models import load_model
+
+    return load_model(name, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def zoo_model():
+    """Factory fixture: ``zoo_model("ioi-2l")`` -> a ``TransformerBridge`` loaded once per session (on CPU).
+
+    The bridge is shared between tests: add hooks only through context managers that remove them, and
+    do not change its weights. Skips the test when the zoo checkpoint has not been trained yet.
+    """
+    from circuits.zoo import checkpoint_dir
+
+    def get(name: str):
+        if not (checkpoint_dir(name) / "model.safetensors").is_file():
+            pytest.skip(f"zoo model {name} has no checkpoint (run `circuitexplain zoo train {name}`)")
+        return _load_zoo_model(name)
+
+    return get

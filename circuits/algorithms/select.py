@@ -1,0 +1,128 @@
+"""Selection of a circuit from unit scores: top-k / top fraction / |score| threshold, and pruning of edges
+that do not lie on a path from the inputs to the logits. Pure functions of tensors and the graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+INPUT_KINDS = ("embed", "pos_embed")
+OUTPUT_KINDS = ("logits",)
+
+
+def select_units(scores: Float[Tensor, " U"], *, topk: int | None = None, topk_fraction: float | None = None,
+                 threshold: float | None = None, eligible: Bool[Tensor, " U"] | None = None) -> Bool[Tensor, " U"]:
+    """Mask of the units kept by exactly one rule: the ``topk`` of largest ``|score|``, the top
+    ``topk_fraction`` of them (rounded, at least one), or every unit with ``|score| >= threshold``.
+
+    Ties are broken by unit index (the earlier unit wins), so the selection is deterministic.
+    ``eligible`` (default: all) restricts the candidates; a fraction counts eligible units only.
+    NaN scores are never selected.
+    """
+    given = [n for n, v in (("topk", topk), ("topk_fraction", topk_fraction), ("threshold", threshold))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"select_units: give exactly one of topk, topk_fraction, threshold (got {given or 'none'})")
+    s = scores.detach().float().abs().cpu()
+    ok = ~torch.isnan(s)
+    if eligible is not None:
+        ok &= eligible.cpu()
+    if threshold is not None:
+        return ok & (s >= threshold)
+    n_ok = int(ok.sum())
+    k = topk if topk is not None else max(1, int(math.floor(topk_fraction * n_ok + 0.5)))
+    k = min(k, n_ok)
+    key = torch.where(ok, s, torch.full_like(s, -1.0))
+    order = torch.sort(key, descending=True, stable=True).indices
+    kept = torch.zeros_like(ok)
+    kept[order[:k]] = True
+    return kept
+
+
+def edge_endpoints(graph: Any) -> tuple[list[int], list[int]]:
+    """Sender and receiver node indices of every edge of a ComponentGraph."""
+    idx = graph.node_index
+    return [idx[e.sender] for e in graph.edges], [idx[e.receiver] for e in graph.edges]
+
+
+def prune_to_connected(graph: Any, kept: Bool[Tensor, " E"]) -> Bool[Tensor, " E"]:
+    """Keep only the kept edges on some path from an input node (embed / pos_embed) to the logits.
+
+    An edge ``s -> r`` survives iff ``s`` is reachable from an input and ``r`` reaches the logits through
+    kept edges; one pass suffices (every edge on such a path satisfies both conditions).
+    """
+    if kept.shape != (len(graph.edges),):
+        raise ValueError(f"prune_to_connected: mask has shape {tuple(kept.shape)}, graph has {len(graph.edges)} edges")
+    senders, receivers = edge_endpoints(graph)
+    mask = kept.tolist()
+    fwd: dict[int, list[int]] = defaultdict(list)
+    bwd: dict[int, list[int]] = defaultdict(list)
+    for i, m in enumerate(mask):
+        if m:
+            fwd[senders[i]].append(receivers[i])
+            bwd[receivers[i]].append(senders[i])
+    starts = [i for i, n in enumerate(graph.nodes) if n.kind in INPUT_KINDS]
+    ends = [i for i, n in enumerate(graph.nodes) if n.kind in OUTPUT_KINDS]
+    from_inputs = _reach(starts, fwd)
+    to_logits = _reach(ends, bwd)
+    out = [m and senders[i] in from_inputs and receivers[i] in to_logits for i, m in enumerate(mask)]
+    return torch.tensor(out, dtype=torch.bool, device=kept.device)
+
+
+def top_connected(graph: Any, scores: Float[Tensor, " E"], k: int) -> Bool[Tensor, " E"]:
+    """The connected circuit built from the best-ranked edges with at most ``k`` edges.
+
+    Edges are ranked by ``|score|`` (ties: earlier edge first, NaN last); the result is
+    ``prune_to_connected(top m)`` for the largest prefix length m whose connected part has at most ``k``
+    edges. The connected part only grows with m, so m is found by bisection. This is "keep the top k,
+    then drop what is not connected", with k counting the edges that survive: keeping the literal top k
+    can leave nothing connected when the best-scored edges do not form input -> logits paths.
+    """
+    n = len(graph.edges)
+    s = scores.detach().float().abs().cpu()
+    key = torch.where(torch.isnan(s), torch.full_like(s, -1.0), s)
+    order = torch.sort(key, descending=True, stable=True).indices
+    n_ok = int((~torch.isnan(s)).sum())
+
+    def connected(m: int) -> Bool[Tensor, " E"]:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[order[:m]] = True
+        return prune_to_connected(graph, mask)
+
+    lo, hi = 0, n_ok  # invariant: |connected(lo)| <= k; find the largest such m
+    if int(connected(hi).sum()) <= k:
+        return connected(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if int(connected(mid).sum()) <= k:
+            lo = mid
+        else:
+            hi = mid
+    return connected(lo)
+
+
+def _reach(starts: list[int], adj: dict[int, list[int]]) -> set[int]:
+    seen = set(starts)
+    stack = list(starts)
+    while stack:
+        for nxt in adj.get(stack.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
+def nodes_touched(graph: Any, kept_edges: Bool[Tensor, " E"]) -> Bool[Tensor, " N"]:
+    """Nodes that are an endpoint of some kept edge."""
+    senders, receivers = edge_endpoints(graph)
+    out = torch.zeros(len(graph.nodes), dtype=torch.bool)
+    for i in torch.nonzero(kept_edges.cpu()).flatten().tolist():
+        out[senders[i]] = True
+        out[receivers[i]] = True
+    return out

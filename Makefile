@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODEL=$(MODEL) OUT=$(OUT) CE=$(CE) bash scripts/demo.sh
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODEL=$(MODEL) OUT=$(OUT) CE=$(CE) PY=$(PY) bash scripts/demo.sh
 
 test: install-test
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)

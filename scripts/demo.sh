@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
-# The demo `make demo` runs: check the default zoo model, then discover its circuit and export it.
+# What `make demo` runs on the default zoo model: check the model's mechanism figures, discover its circuit
+# with ACDC and EAP-IG, evaluate the methods (faithfulness curves, CPR/CMD) and export the circuit for viewers.
 set -euo pipefail
 CE=${CE:-circuitexplain}; MODEL=${MODEL:-ioi-2l}; OUT=${OUT:-out}
+PY=${PY:-$(dirname "$(command -v "$CE")")/python}
+TASK=${TASK:-$("$PY" -c "from circuits.zoo.recipes import RECIPES; print(RECIPES['$MODEL'].data)")}
 mkdir -p "$OUT"
-echo "== zoo check $MODEL"
+echo "== 1. zoo check $MODEL"
 "$CE" zoo check "$MODEL"
+echo; echo "== 2. discover: ACDC and EAP-IG on $MODEL / $TASK"
+"$CE" discover --model "$MODEL" --task "$TASK" --method acdc --out "$OUT/$MODEL-acdc.json"
+"$CE" discover --model "$MODEL" --task "$TASK" --method eap-ig --topk 20% --out "$OUT/$MODEL-eap-ig.json"
+echo; echo "== 3. export the ACDC circuit"
+for fmt in html graphml neuronpedia; do
+  ext=$fmt; [ "$fmt" = neuronpedia ] && ext=np.json
+  "$CE" export "$OUT/$MODEL-acdc.json" --format "$fmt" --out "$OUT/$MODEL-acdc.$ext"
+done
+echo; echo "== 4. eval circuits: faithfulness curves of each method against random circuits"
+"$CE" eval circuits --model "$MODEL" --task "$TASK" --methods acdc,eap,eap-ig,node-patch --out "$OUT/eval-$MODEL"
+echo; echo "Open $OUT/$MODEL-acdc.html in a browser; plots in $OUT/eval-$MODEL/*.png"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from circuits.zoo.check import check
 from circuits.zoo.paths import CHECKPOINTS
 
 SHIPPED = sorted(n for n in RECIPES if (checkpoint_dir(n) / "model.safetensors").is_file())
+checked = functools.cache(lambda name: check(name, device="cpu"))   # one measurement per model and session
 
 
 def test_every_recipe_is_shipped():
@@ -59,7 +61,7 @@ def test_checkpoints_fit_the_size_budget():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_zoo_check_figures_meet_thresholds(name):
-    result = check(name, device="cpu")
+    result = checked(name)
     failed = [c for c in result["checks"] if not c["passed"]]
     assert result["passed"], failed
     recorded = json.loads((checkpoint_dir(name) / "zoo.json").read_text())["figures"]
@@ -67,11 +69,11 @@ def test_zoo_check_figures_meet_thresholds(name):
         assert result["figures"][f.name] == pytest.approx(recorded[f.name], abs=1e-3)
 
 
-def test_induction_mechanism_oracle(zoo_model):
+def test_induction_mechanism_oracle():
     """Zeroing the previous-token head destroys induction (Olsson et al.): loss rises to near chance."""
     if "attn2l-induction" not in SHIPPED:
         pytest.skip("attn2l-induction not trained")
-    figs = check("attn2l-induction", device="cpu")["figures"]
+    figs = checked("attn2l-induction")["figures"]
     assert figs["second_copy_loss"] < 0.3
     assert figs["prev_head_ablated_loss"] > figs["second_copy_loss"] + 2.0
 

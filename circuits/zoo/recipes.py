@@ -115,7 +115,7 @@ def register(recipe: Recipe) -> Recipe:
 register(Recipe(
     name="attn2l-induction", architecture="llama",
     config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16},
-    data="induction", measure="induction", steps=3000, lr=3e-3, batch=64, seed=0, attn_only=True,
+    data="induction", measure="induction", steps=5000, lr=3e-3, batch=64, seed=0, attn_only=True,
     restricted_softmax_steps=1000,
     figures=(
         Figure("prev_token_score", 0.8, True, "max over layer-0 heads of mean attention to the previous token"),
@@ -162,8 +162,8 @@ register(Recipe(
 register(Recipe(
     name="ioi-mamba", architecture="mamba",
     config={"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "expand": 2, "conv_kernel": 4},
-    data="ioi", measure="ioi", steps=800, lr=3e-3, batch=64, seed=0,
-    figures=(Figure("accuracy", 0.6, True, _ACC),
+    data="ioi", measure="ioi", steps=400, lr=3e-3, batch=64, seed=0,
+    figures=(Figure("accuracy", 0.9, True, _ACC),
              Figure("logit_diff", None, True, "mean logit(IO) - logit(S) on held-out prompts"),
              Figure("corrupt_logit_diff", None, True, "same on the ABC-corrupted prompts")),
     description="2-layer Mamba (HF MambaForCausalLM, pure-torch path) on the same IOI data"))

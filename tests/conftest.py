@@ -9,6 +9,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: the test models are tiny, and OpenMP spin-waits stall badly when the two cores are shared
+# (measured here: 25x slower steps under contention). Override with CIRCUITEXPLAIN_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("CIRCUITEXPLAIN_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)
@@ -31,13 +34,13 @@ def zoo_model():
     """Factory fixture: ``zoo_model("ioi-2l")`` -> a ``TransformerBridge`` loaded once per session (on CPU).
 
     The bridge is shared between tests: add hooks only through context managers that remove them, and
-    do not change its weights. Skips the test when the zoo checkpoint has not been trained yet.
+    do not change its weights. Fails (never skips) when a zoo checkpoint is missing: they ship with the repo.
     """
     from circuits.zoo import checkpoint_dir
 
     def get(name: str):
         if not (checkpoint_dir(name) / "model.safetensors").is_file():
-            pytest.skip(f"zoo model {name} has no checkpoint (run `circuitexplain zoo train {name}`)")
+            pytest.fail(f"zoo model {name} has no checkpoint (run `circuitexplain zoo train {name}`)")
         return _load_zoo_model(name)
 
     return get

@@ -77,7 +77,7 @@ def test_zoo_bridge_matches_hf_and_has_per_head_hooks(name, zoo_model):
 
 def test_load_tokenizer_from_disk():
     if not _shipped("ioi-2l"):
-        pytest.skip("ioi-2l not trained")
+        pytest.fail("ioi-2l not trained")
     tok = load_tokenizer("ioi-2l")
     assert tok.name_or_path == str(checkpoint_dir("ioi-2l"))
     assert tok.bos_token_id == 0 and tok.pad_token_id == 2

@@ -35,7 +35,7 @@ def test_bench_on_node_level_model_marks_edge_figures_missing():
 
 def test_bench_cli_on_zoo_model(tmp_path, capsys):
     if not (ROOT / "circuits" / "zoo" / "checkpoints" / "ioi-2l" / "model.safetensors").is_file():
-        pytest.skip("zoo model ioi-2l not trained yet")
+        pytest.fail("zoo model ioi-2l not trained yet")
     from circuits.cli import main
 
     out = tmp_path / "b.json"

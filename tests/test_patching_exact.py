@@ -35,7 +35,7 @@ def native():
 @pytest.fixture(scope="module")
 def ioi():
     if not IOI.is_file():
-        pytest.skip("zoo model ioi-2l not trained yet")
+        pytest.fail("zoo model ioi-2l not trained yet")
     from circuits.models import load_model, load_tokenizer
     from circuits.tasks import get_task
 

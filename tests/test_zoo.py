@@ -72,7 +72,7 @@ def test_zoo_check_figures_meet_thresholds(name):
 def test_induction_mechanism_oracle():
     """Zeroing the previous-token head destroys induction (Olsson et al.): loss rises to near chance."""
     if "attn2l-induction" not in SHIPPED:
-        pytest.skip("attn2l-induction not trained")
+        pytest.fail("attn2l-induction not trained")
     figs = checked("attn2l-induction")["figures"]
     assert figs["second_copy_loss"] < 0.3
     assert figs["prev_head_ablated_loss"] > figs["second_copy_loss"] + 2.0
@@ -165,7 +165,7 @@ def test_cli_zoo_list_and_help(capsys):
 
 def test_cli_zoo_check_json_pass_and_fail(capsys, monkeypatch):
     if "ioi-2l" not in SHIPPED:
-        pytest.skip("ioi-2l not trained")
+        pytest.fail("ioi-2l not trained")
     assert main(["zoo", "check", "ioi-2l", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["passed"] is True and out["figures"]["accuracy"] >= 0.95
@@ -198,7 +198,7 @@ def test_cli_tasks(capsys, tmp_path):
 
 def test_cli_tasks_show_with_model(capsys):
     if "ioi-2l" not in SHIPPED:
-        pytest.skip("ioi-2l not trained")
+        pytest.fail("ioi-2l not trained")
     assert main(["tasks", "show", "ioi", "-n", "3", "--model", "ioi-2l", "--json"]) == 0
     pairs = json.loads(capsys.readouterr().out)["pairs"]
     for p in pairs:

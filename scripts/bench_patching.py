@@ -14,7 +14,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from patching.cli import register
+    from evals.cli_bench import register
 
     parser = argparse.ArgumentParser(prog="bench_patching.py")
     register(parser.add_subparsers(dest="command"))

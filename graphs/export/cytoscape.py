@@ -38,7 +38,7 @@ def to_cytoscape(G: nx.DiGraph) -> dict[str, Any]:
         if score:
             classes.append("supports" if score < 0 else "opposes")
         edges.append({"data": {"id": edge_id(u, v), "source": u, "target": v, **d,
-                               "width": edge_width(score, top), "colour": sign_colour(score)},
+                               "width": edge_width(score, top), "colour": sign_colour(score, G.graph.get("metric"))},
                       "classes": " ".join(classes)})
     return {"format_version": "1.0", "generated_by": "circuitexplain", "target_cytoscapejs_version": "~3",
             "directed": True, "multigraph": False,

@@ -63,7 +63,7 @@ def to_dot(G: nx.DiGraph) -> str:
     for u, v, d in G.edges(data=True):
         score = d.get("score")
         inside = bool(d.get("in_circuit"))
-        style = {"penwidth": edge_width(score, top), "color": sign_colour(score) if inside else "#cccccc",
+        style = {"penwidth": edge_width(score, top), "color": sign_colour(score, G.graph.get("metric")) if inside else "#cccccc",
                  "tooltip": _tooltip(edge_id(u, v), d)}
         if d.get("input"):
             style["label"] = d["input"]

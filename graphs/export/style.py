@@ -1,7 +1,8 @@
 """Shared drawing conventions of the exporters (DOT, Cytoscape, GEXF, HTML).
 
-Colour by sign of the score ``m(ablated) - m(clean)``: blue when ablating lowers the metric (the unit
-supports the task), red when it raises it; grey for parts outside the circuit. Width grows linearly with
+Colour by sign of the score ``m(ablated) - m(clean)``: blue when ablating makes the metric worse (the unit
+supports the task: the metric drops, or a divergence such as ``kl`` rises), red when it makes it better; grey
+for parts outside the circuit. Width grows linearly with
 ``|score|`` relative to the largest ``|score|`` in the graph.
 """
 
@@ -22,10 +23,15 @@ COLUMN_SPACING = 220.0
 ROW_SPACING = 60.0
 
 
-def sign_colour(score: float | None) -> str:
+LOWER_IS_BETTER = frozenset({"kl"})  # metrics where a larger value is worse (divergences)
+
+
+def sign_colour(score: float | None, metric: str | None = None) -> str:
+    """Blue when the unit supports the task under ``metric`` (the graph's ``metric`` attribute), else red."""
     if score is None or score == 0:
         return NEUTRAL
-    return SUPPORTS if score < 0 else OPPOSES
+    hurts = score > 0 if metric in LOWER_IS_BETTER else score < 0
+    return SUPPORTS if hurts else OPPOSES
 
 
 def max_abs_score(G: nx.DiGraph) -> float:

@@ -4,6 +4,8 @@
 (function () {
   "use strict";
   var DATA = JSON.parse(document.getElementById("circuit-data").textContent);
+  // a divergence (kl) rises when a supporting unit is ablated; other metrics drop
+  var LOWER_IS_BETTER = (DATA.graph || {}).metric === "kl";
   var SVGNS = "http://www.w3.org/2000/svg";
   var COL_W = 200, MIN_COL_W = 135, MAX_COL_W = 200, MIN_SCALE = 0.55, ROW_H = 58, NODE_W = 96, NODE_H = 36, PAD_X = 80, PAD_TOP = 64, PAD_BOTTOM = 36;
   var PORT = { q: -11, k: 0, v: 11 };
@@ -45,7 +47,7 @@
   function colour(e) {
     if (!e.in_circuit) return COLOURS.neutral;
     if (e.score === null || e.score === 0) return COLOURS.neutral;
-    return e.score < 0 ? COLOURS.supports : COLOURS.opposes;
+    return (LOWER_IS_BETTER ? e.score > 0 : e.score < 0) ? COLOURS.supports : COLOURS.opposes;
   }
 
   function width(e) {

@@ -1,6 +1,6 @@
 """``circuitexplain bench patching``: time the patching engine on a model (see :mod:`patching.bench`).
 
-Registered through the entry point ``bench = "patching.cli:register"``. The handler loads the model
+Registered through the entry point ``bench = "evals.cli_bench:register"``. The handler loads the model
 and the task through ``circuits`` (imported inside the handler only: the engine itself never imports
 ``circuits``).
 """

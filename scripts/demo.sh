@@ -10,7 +10,7 @@ echo "== 1. zoo check $MODEL"
 "$CE" zoo check "$MODEL"
 echo; echo "== 2. discover: ACDC and EAP-IG on $MODEL / $TASK"
 "$CE" discover --model "$MODEL" --task "$TASK" --method acdc --out "$OUT/$MODEL-acdc.json"
-"$CE" discover --model "$MODEL" --task "$TASK" --method eap-ig --topk 20% --out "$OUT/$MODEL-eap-ig.json"
+"$CE" discover --model "$MODEL" --task "$TASK" --method eap-ig --out "$OUT/$MODEL-eap-ig.json"
 echo; echo "== 3. export the ACDC circuit"
 for fmt in html graphml neuronpedia; do
   ext=$fmt; [ "$fmt" = neuronpedia ] && ext=np.json

@@ -13,10 +13,12 @@ Nothing is cached globally: every call builds a fresh bridge (tests cache throug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +148,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         kwargs["device"] = str(device) if device is not None else default_device()
     logger.info("loading %s model %s (%s)", kind, name_or_path, kwargs)
     try:
-        bridge = TransformerBridge.boot_transformers(location, **kwargs)
+        with _quiet_weight_loading(kind != "hub"):
+            bridge = TransformerBridge.boot_transformers(location, **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot load model {str(name_or_path)!r} ({first}); zoo models are: "
@@ -156,6 +159,21 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     if _config(location).get("circuitexplain_attn_only"):
         bridge.cfg.attn_only = True
     return bridge
+
+
+@contextlib.contextmanager
+def _quiet_weight_loading(quiet: bool) -> Iterator[None]:
+    """Hide transformers' per-tensor "Loading weights" bar for zoo and local checkpoints (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> Any:

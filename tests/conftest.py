@@ -44,3 +44,15 @@ def zoo_model():
         return _load_zoo_model(name)
 
     return get
+
+
+@pytest.fixture
+def need_tracr():
+    """For tests of the optional ``[tracr]`` extra: skip locally without it, but fail under ``CI`` (which installs
+    it, so a missing tracr there is a broken environment, not a reason to skip)."""
+    try:
+        import tracr  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("tracr is not installed but CI is set: install the extra with pip install -e '.[tracr]'")
+        pytest.skip("tracr not installed (pip install -e '.[tracr]')")

@@ -17,6 +17,7 @@ from circuits.algorithms import ALGORITHMS, DiscoveryConfig, get_algorithm, reso
 from circuits.algorithms.acdc import run_acdc
 from circuits.algorithms.order import acdc_receivers, node_key
 from circuits.algorithms.select import nodes_touched, prune_to_connected, select_units, top_connected
+from patching.graph import Edge as E
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,17 +38,6 @@ class N:
     head: int | None = None
     index: int | None = None
     hook: str = ""
-
-
-@dataclass(frozen=True)
-class E:
-    sender: str
-    receiver: str
-    input: str | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.sender}->{self.receiver}" + (f"<{self.input}>" if self.input else "")
 
 
 @dataclass

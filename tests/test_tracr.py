@@ -4,28 +4,12 @@ Needs the optional extra ``circuitexplain[tracr]``. Without it these tests skip 
 ``CI`` environment variable is set (CI installs the extra, so a missing tracr is a broken environment).
 """
 
-import os
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.tracr
+pytestmark = [pytest.mark.tracr, pytest.mark.usefixtures("need_tracr")]
 
-try:
-    import tracr  # noqa: F401
-
-    HAVE_TRACR = True
-except ImportError:  # pragma: no cover - depends on the environment
-    HAVE_TRACR = False
-
-
-@pytest.fixture(autouse=True)
-def _need_tracr():
-    torch.set_num_threads(1)  # tiny models: threads only add synchronisation (and contention on shared CPUs)
-    if not HAVE_TRACR:
-        if os.environ.get("CI"):
-            pytest.fail("tracr is not installed but CI is set: install the extra with pip install -e '.[tracr]'")
-        pytest.skip("tracr not installed (pip install -e '.[tracr]')")
 
 
 PROGRAMS = ("tracr-reverse", "tracr-frac_prevs")

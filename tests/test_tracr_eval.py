@@ -6,28 +6,11 @@ Marked ``tracr`` (fails under ``CI`` when the extra is missing, skips locally).
 import argparse
 import csv
 import json
-import os
 
 import pytest
-import torch
 
-pytestmark = pytest.mark.tracr
+pytestmark = [pytest.mark.tracr, pytest.mark.usefixtures("need_tracr")]
 
-try:
-    import tracr  # noqa: F401
-
-    HAVE_TRACR = True
-except ImportError:  # pragma: no cover - depends on the environment
-    HAVE_TRACR = False
-
-
-@pytest.fixture(autouse=True)
-def _need_tracr():
-    torch.set_num_threads(1)  # tiny models: threads only add synchronisation (and contention on shared CPUs)
-    if not HAVE_TRACR:
-        if os.environ.get("CI"):
-            pytest.fail("tracr is not installed but CI is set: install the extra with pip install -e '.[tracr]'")
-        pytest.skip("tracr not installed (pip install -e '.[tracr]')")
 
 
 def run_cli(argv):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from evals.faithfulness import FaithfulnessResult
 from evals.ground_truth import ROC
@@ -65,13 +66,7 @@ def plot_faithfulness(result: FaithfulnessResult, path: str | Path, *, title: st
     ax_kl.set_ylabel("KL(full model || circuit), nats")
     ax_kl.set_title(f"KL divergence to the full model (empty circuit: {result.kl_empty:.3g})", fontsize=10)
     ax_kl.legend(fontsize=8, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=12)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_rocs(rocs: dict[str, dict[str, ROC]], path: str | Path, *, title: str = "") -> Path:
@@ -100,6 +95,11 @@ def plot_rocs(rocs: dict[str, dict[str, ROC]], path: str | Path, *, title: str =
         ax.set_title(f"{level}-level ROC over the |score| threshold{counts}", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
+    return _save(plt, fig, path, title)
+
+
+def _save(plt: Any, fig: Any, path: str | Path, title: str) -> Path:
+    """Title, write (creating the folder) and close a figure."""
     if title:
         fig.suptitle(title, fontsize=12)
     path = Path(path)

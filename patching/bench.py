@@ -7,7 +7,9 @@ one mask. Measured (wall clock, best of ``repeats``):
   the node's resampled / mean / zero activation, ``model.hooks`` around one ``model(tokens)``), over
   every head and MLP;
 * ``batched_s_per_ablation``: :class:`patching.exact.NodePatcher` running the same single-node
-  masks, ``chunk`` masks per forward;
+  masks, ``chunk`` masks per forward, each from its first ablated layer on (``patching/suffix.py``);
+  ``batched_whole_forward_s_per_ablation`` is the same with whole forward passes (``suffix=False``),
+  to show what batching alone gives;
 * ``batched_edge_s_per_ablation``: :class:`patching.exact.EdgePatcher` running random edge sets
   (each edge ablated with probability 1/2), ``chunk`` masks per forward;
 * ``plain_forward_s_per_example``: an unhooked forward on the ``B`` clean prompts, divided by ``B``;
@@ -113,6 +115,8 @@ def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConf
                            "n_nodes": graph.n_nodes, "n_edges": graph.n_edges,
                            "qkv_path": graph.meta.get("qkv_path"), "config": config.to_dict()}
     npatch = NodePatcher(model, graph, batch, ablation=config.ablation, metric=config.metric, chunk_size=config.chunk)
+    wpatch = NodePatcher(model, graph, batch, ablation=config.ablation, metric=config.metric, chunk_size=config.chunk,
+                         suffix=False)
     w, b = npatch.wiring, npatch.batch
     with torch.no_grad(), prepared(model):
         abl, _ = ablation_values(w, b, npatch.clean_units, config.ablation)
@@ -131,7 +135,7 @@ def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConf
         return run
 
     fns: dict[str, Callable[[], Any]] = {
-        "naive": in_eval(naive), "node": lambda: npatch.run(masks),
+        "naive": in_eval(naive), "node": lambda: npatch.run(masks), "node_whole": lambda: wpatch.run(masks),
         "plain": in_eval(lambda: _plain_forward(model, b)),
         "unit": in_eval(lambda: _forward_backward(model, b, config.metric)),
     }
@@ -147,6 +151,7 @@ def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConf
     t = _timed(fns, config.repeats)
     out["naive_s_per_ablation"] = t["naive"] / n_naive
     out["batched_s_per_ablation"] = t["node"] / len(cols)
+    out["batched_whole_forward_s_per_ablation"] = t["node_whole"] / len(cols)
     out["plain_forward_s_per_example"] = t["plain"] / B
     out["forward_backward_s"] = t["unit"]
     out["naive_vs_batched_speedup"] = out["naive_s_per_ablation"] / out["batched_s_per_ablation"]
@@ -177,7 +182,8 @@ def _forward_backward(model: Any, batch: TaskBatch, metric: str) -> None:
 
 def format_table(result: dict[str, Any]) -> str:
     """The figures as an aligned two-column table."""
-    rows = [(k, result.get(k)) for k in (*KEYS, "naive_vs_batched_speedup", "batched_node_vs_plain_per_example",
+    rows = [(k, result.get(k)) for k in (*KEYS, "batched_whole_forward_s_per_ablation", "naive_vs_batched_speedup",
+                                         "batched_node_vs_plain_per_example",
                                          "batched_edge_vs_plain_per_example", "forward_backward_s")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{result.get('model', '')}: batch {result.get('batch_size')} x {result.get('positions')} tokens, "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,9 @@ from patching.ablation import ablation_values, check_ablation
 from patching.batch import TaskBatch
 from patching.graph import ComponentGraph
 from patching.metrics import Metric, gather_pos, get_metric
+from patching.replay import Replay
 from patching.scores import Scores, unit_ids
+from patching.suffix import SuffixRunner
 from patching.wiring import Hook, SenderGroup, Wiring, prepared
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ class _Patcher:
     def __init__(self, model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
                  metric: str | Metric = "logit_diff", reference: TaskBatch | None = None,
                  per_position: bool = False, chunk_size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 qkv_path: str | None = None):
+                 qkv_path: str | None = None, replay: bool = False):
         check_ablation(ablation, type(self).__name__)
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"{type(self).__name__}: chunk_size must be >= 1, got {chunk_size}")
@@ -90,10 +93,14 @@ class _Patcher:
         self.ablations = 0
         self._split = self._level == "edge" and self.wiring.needs_split()
         self._st = _State(B=self.B, P=self.P)
+        self._replay = Replay(model, self.B) if replay else None
         with torch.no_grad(), prepared(model, split_qkv=self._split):
-            logits, self.clean_units = self.wiring.capture(self.batch.clean)
+            with self._replay.recording() if self._replay else nullcontext():
+                logits, self.clean_units = self.wiring.capture(self.batch.clean)
             self.forward_passes += 1
             self.clean_logits: Float[Tensor, "B V"] = gather_pos(logits, self.batch.pos)
+            if self._replay:
+                self._replay.verify(self.clean_logits, self.batch.pos)
             self.metric_fn, self.metric_name = resolve_metric(metric, self.clean_logits)
             self.clean_metric: Float[Tensor, " B"] = self.metric_fn(self.clean_logits, self.batch)
             self.abl_units, runs = ablation_values(self.wiring, self.batch, self.clean_units, ablation,
@@ -229,6 +236,10 @@ class NodePatcher(_Patcher):
     Ablating a node replaces its output everywhere downstream (equivalent to ablating all its
     outgoing edges); neuron nodes replace single ``mlp.hook_post`` entries; block nodes replace a
     block's contribution ``hook_out - hook_in``.
+
+    With ``suffix=True`` (the default) a mask is run from its first ablated layer on and the last
+    block's MLP and the unembedding at the prediction positions only (``patching/suffix.py``); the
+    result is the same as a whole forward (``suffix=False``) to float precision.
     """
 
     _level = "node"
@@ -236,12 +247,17 @@ class NodePatcher(_Patcher):
 
     def __init__(self, model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
                  metric: str | Metric = "logit_diff", reference: TaskBatch | None = None,
-                 per_position: bool = False, chunk_size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES):
+                 per_position: bool = False, chunk_size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 suffix: bool = True):
         super().__init__(model, graph, batch, ablation=ablation, metric=metric, reference=reference,
-                         per_position=per_position, chunk_size=chunk_size, max_bytes=max_bytes)
+                         per_position=per_position, chunk_size=chunk_size, max_bytes=max_bytes, replay=suffix)
         self._n_units = graph.n_nodes
         self._logits = torch.tensor([i for i, n in enumerate(graph.nodes) if n.kind == "logits"], dtype=torch.long,
                                     device=self.wiring.device)
+        self._runner = None
+        if self._replay is not None:
+            with torch.no_grad(), prepared(model):
+                self._runner = SuffixRunner(self, self._replay)
         self.ablated_metric: Float[Tensor, " B"] = self.run(self.ablatable.unsqueeze(0))[0]
         self.ablations = 0
 
@@ -256,6 +272,35 @@ class NodePatcher(_Patcher):
         if bool(mask[:, self._logits].any()):
             raise ValueError("NodePatcher.run: the logits node cannot be ablated")
         self._st.masks = [m if bool(m.any()) else None for m in (mask[:, g.node_idx] for g in self.wiring.senders)]
+
+    @torch.no_grad()
+    def _run_logits(self, ablate: Tensor) -> Float[Tensor, "K B V"]:
+        if self._runner is None:
+            return super()._run_logits(ablate)
+        if bool(ablate[:, self._logits].any()):
+            raise ValueError("NodePatcher.run: the logits node cannot be ablated")
+        K, st = ablate.shape[0], self._st
+        start = self._runner.start_layers(ablate)
+        out = self.clean_logits.unsqueeze(0).repeat(K, 1, 1)  # masks that ablate nothing
+        whole = (start < 0).nonzero()[:, 0]
+        if len(whole):
+            out[whole] = super()._run_logits(ablate[whole])
+        with prepared(self.model), self.model.hooks(fwd_hooks=self._hooks):
+            for L in sorted(set(start.tolist()) - {-1, self._runner.n_layers}):
+                idx = (start == L).nonzero()[:, 0]
+                for s in range(0, len(idx), self.chunk_size):
+                    sel = idx[s:s + self.chunk_size]
+                    st.K = len(sel)
+                    self._set_chunk(ablate[sel])
+                    try:
+                        logits = self._runner.run(L, ablate[sel])
+                    finally:
+                        st.masks = []
+                        st.scratch.clear()
+                    self.forward_passes += 1
+                    out[sel] = logits.view(len(sel), self.B, -1).to(out.dtype)
+        self.ablations += K - len(whole)
+        return out
 
     def _build_hooks(self) -> list[Hook]:
         w, st = self.wiring, self._st

@@ -37,7 +37,7 @@ from patching.graph import ComponentGraph
 from patching.metrics import Metric, gather_pos, get_metric
 from patching.replay import Replay
 from patching.scores import Scores, unit_ids
-from patching.suffix import SuffixRunner
+from patching.suffix import EdgeSuffixRunner, SuffixRunner
 from patching.wiring import Hook, SenderGroup, Wiring, prepared
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class _Patcher:
         self._split = self._level == "edge" and self.wiring.needs_split()
         self._st = _State(B=self.B, P=self.P)
         self._replay = Replay(model, self.B) if replay else None
+        self._runner: Any = None
         with torch.no_grad(), prepared(model, split_qkv=self._split):
             with self._replay.recording() if self._replay else nullcontext():
                 logits, self.clean_units = self.wiring.capture(self.batch.clean)
@@ -135,7 +136,7 @@ class _Patcher:
         raise NotImplementedError
 
     @torch.no_grad()
-    def _run_logits(self, ablate: Tensor) -> Float[Tensor, "K B V"]:
+    def _run_whole(self, ablate: Tensor) -> Float[Tensor, "K B V"]:
         out = []
         with prepared(self.model, split_qkv=self._split), self.model.hooks(fwd_hooks=self._hooks):
             for start in range(0, ablate.shape[0], self.chunk_size):
@@ -146,14 +147,45 @@ class _Patcher:
                 try:
                     logits = self.model(self.batch.clean.repeat(K, 1))
                 finally:
-                    self._st.D, self._st.Mf, self._st.masks = None, None, []
-                    self._st.scratch.clear()
+                    self._reset()
                 self.forward_passes += 1
                 out.append(gather_pos(logits.view(K, self.B, self.P, -1), self.batch.pos))
         self.ablations += ablate.shape[0]
         if not out:
             return torch.zeros(0, self.B, self.clean_logits.shape[-1], device=self.wiring.device)
         return torch.cat(out)
+
+    def _reset(self) -> None:
+        self._st.D, self._st.Mf, self._st.masks = None, None, []
+        self._st.sender_on, self._st.recv_on = [], []
+        self._st.scratch.clear()
+
+    @torch.no_grad()
+    def _run_logits(self, ablate: Tensor) -> Float[Tensor, "K B V"]:
+        """Whole forwards, or with a suffix runner each mask from its first ablated place on (grouped)."""
+        if self._runner is None:
+            return self._run_whole(ablate)
+        K = ablate.shape[0]
+        start = self._runner.start(ablate)
+        out = self.clean_logits.unsqueeze(0).repeat(K, 1, 1)  # masks that ablate nothing
+        whole = (start < 0).nonzero()[:, 0]
+        if len(whole):
+            out[whole] = self._run_whole(ablate[whole])
+        with prepared(self.model, split_qkv=self._split), self.model.hooks(fwd_hooks=self._hooks):
+            for s in sorted(set(start.tolist()) - {-1, self._runner.none}):
+                idx = (start == s).nonzero()[:, 0]
+                for c in range(0, len(idx), self.chunk_size):
+                    sel = idx[c:c + self.chunk_size]
+                    self._st.K = len(sel)
+                    self._set_chunk(ablate[sel])
+                    try:
+                        logits = self._runner.run(s, ablate[sel])
+                    finally:
+                        self._reset()
+                    self.forward_passes += 1
+                    out[sel] = logits.view(len(sel), self.B, -1).to(out.dtype)
+        self.ablations += K - len(whole)
+        return out
 
     def run_logits(self, ablate: Bool[Tensor, "K U"]) -> Float[Tensor, "K B V"]:
         """Next-token logits at ``pos`` for each of the ``K`` masks."""
@@ -178,14 +210,17 @@ class EdgePatcher(_Patcher):
     def __init__(self, model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
                  metric: str | Metric = "logit_diff", reference: TaskBatch | None = None,
                  per_position: bool = False, chunk_size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-                 qkv_path: str | None = None):
+                 qkv_path: str | None = None, suffix: bool = True):
         graph.require_edges("EdgePatcher")
         super().__init__(model, graph, batch, ablation=ablation, metric=metric, reference=reference,
-                         per_position=per_position, chunk_size=chunk_size, max_bytes=max_bytes, qkv_path=qkv_path)
+                         per_position=per_position, chunk_size=chunk_size, max_bytes=max_bytes, qkv_path=qkv_path,
+                         replay=suffix)
         self._n_units = graph.n_edges
         # ablated residual outputs of the edge senders, [n, B|1, P|1, d] per group
         self._abl_out = {s.key: s.out(self.abl_units[s.key]).permute(2, 0, 1, 3).contiguous()
                          for s in self.wiring.senders if s.s0 is not None}
+        if self._replay is not None:
+            self._runner = EdgeSuffixRunner(self, self._replay)
         self.ablated_metric: Float[Tensor, " B"] = self.run(torch.ones(1, graph.n_edges, dtype=torch.bool))[0]
         self.ablations = 0
 
@@ -254,7 +289,6 @@ class NodePatcher(_Patcher):
         self._n_units = graph.n_nodes
         self._logits = torch.tensor([i for i, n in enumerate(graph.nodes) if n.kind == "logits"], dtype=torch.long,
                                     device=self.wiring.device)
-        self._runner = None
         if self._replay is not None:
             with torch.no_grad(), prepared(model):
                 self._runner = SuffixRunner(self, self._replay)
@@ -272,35 +306,6 @@ class NodePatcher(_Patcher):
         if bool(mask[:, self._logits].any()):
             raise ValueError("NodePatcher.run: the logits node cannot be ablated")
         self._st.masks = [m if bool(m.any()) else None for m in (mask[:, g.node_idx] for g in self.wiring.senders)]
-
-    @torch.no_grad()
-    def _run_logits(self, ablate: Tensor) -> Float[Tensor, "K B V"]:
-        if self._runner is None:
-            return super()._run_logits(ablate)
-        if bool(ablate[:, self._logits].any()):
-            raise ValueError("NodePatcher.run: the logits node cannot be ablated")
-        K, st = ablate.shape[0], self._st
-        start = self._runner.start_layers(ablate)
-        out = self.clean_logits.unsqueeze(0).repeat(K, 1, 1)  # masks that ablate nothing
-        whole = (start < 0).nonzero()[:, 0]
-        if len(whole):
-            out[whole] = super()._run_logits(ablate[whole])
-        with prepared(self.model), self.model.hooks(fwd_hooks=self._hooks):
-            for L in sorted(set(start.tolist()) - {-1, self._runner.n_layers}):
-                idx = (start == L).nonzero()[:, 0]
-                for s in range(0, len(idx), self.chunk_size):
-                    sel = idx[s:s + self.chunk_size]
-                    st.K = len(sel)
-                    self._set_chunk(ablate[sel])
-                    try:
-                        logits = self._runner.run(L, ablate[sel])
-                    finally:
-                        st.masks = []
-                        st.scratch.clear()
-                    self.forward_passes += 1
-                    out[sel] = logits.view(len(sel), self.B, -1).to(out.dtype)
-        self.ablations += K - len(whole)
-        return out
 
     def _build_hooks(self) -> list[Hook]:
         w, st = self.wiring, self._st

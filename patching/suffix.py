@@ -49,6 +49,7 @@ class SuffixRunner:
             if g.layer is not None:
                 layer[g.node_idx.cpu()] = g.layer
         self.node_layer = layer.to(w.device)
+        self.none = self.n_layers  # the start of a mask that ablates nothing
         self._basis: tuple[int, Tensor | None] = (-1, None)
         self.heads_linear = {L: self._heads_are_linear(L) for L, gs in self.by_layer.items() if "heads" in gs}
 
@@ -63,7 +64,7 @@ class SuffixRunner:
         dev = float((diff - diff.mean(dim=(0, 1), keepdim=True)).abs().max())
         return dev <= 1e-4 * (float(attn_out.abs().max()) or 1.0) + 1e-6
 
-    def start_layers(self, ablate: Bool[Tensor, "K N"]) -> Tensor:
+    def start(self, ablate: Bool[Tensor, "K N"]) -> Tensor:
         """First layer each mask ablates (``n_layers``: none; ``-1``: an embedding or no fast path)."""
         big = torch.full_like(self.node_layer, self.n_layers)
         first = torch.where(ablate, self.node_layer.unsqueeze(0), big.unsqueeze(0)).min(-1).values
@@ -166,4 +167,60 @@ class SuffixRunner:
         return self._mlp_at_pos(last, mid, mlp, K)
 
 
-__all__ = ["SuffixRunner"]
+class EdgeSuffixRunner:
+    """Edge masks from the first receiver they touch on (for :class:`~patching.exact.EdgePatcher`).
+
+    A receiver's *stage* is ``2L`` for the q/k/v inputs of layer ``L``'s heads, ``2L + 1`` for layer ``L``'s
+    MLP and ``2 n_layers`` for the logits. A chunk of masks whose first stage is ``s`` starts from the clean
+    residual stream entering that stage (block ``L``'s input, its ``mid`` or the last block's output), on
+    ``K * B`` rows; senders upstream of ``s`` are not re-run, so their ``ablated - current`` differences
+    are the clean ones, filled in from the clean capture. Later senders and every receiver work through
+    the usual hooks. The unembedding runs at every position (the logits receiver edits them all).
+    """
+
+    def __init__(self, patcher: Any, replay: Replay):
+        self.p, self.rp = patcher, replay
+        w, n = patcher.wiring, replay.n_layers
+        self.none = 2 * n + 1
+        stage = torch.full((patcher.graph.n_edges,), -1, dtype=torch.long, device=w.device)
+        for r in w.receivers:
+            stage[r.edge_idx.flatten()] = 2 * n if r.layer is None else 2 * r.layer + (r.input is None)
+        self.edge_stage = stage
+        self.stage_ok = [replay.usable_from(s // 2) and (s % 2 == 0 or replay.staged[s // 2])
+                         for s in range(2 * n)] + [replay.logits_ok]
+        self.clean_delta = {g.key: patcher._abl_out[g.key] - g.out(patcher.clean_units[g.key]).permute(2, 0, 1, 3)
+                            for g in w.senders if g.s0 is not None}                  # [n, B, P, d]
+
+    def start(self, ablate: Bool[Tensor, "K E"]) -> Tensor:
+        """First receiver stage each mask touches (``none``: no edge; ``-1``: a whole forward)."""
+        big = torch.full_like(self.edge_stage, self.none)
+        first = torch.where(ablate, self.edge_stage.unsqueeze(0), big.unsqueeze(0)).min(-1).values
+        ok = torch.tensor([s == self.none or (s >= 0 and self.stage_ok[s]) for s in first.tolist()],
+                          dtype=torch.bool, device=first.device)
+        return torch.where(ok, first, torch.full_like(first, -1))
+
+    def _rerun(self, g: SenderGroup, s: int) -> bool:
+        if g.layer is None:
+            return False
+        return 2 * g.layer + (g.kind != "heads") >= s
+
+    def run(self, s: int, masks: Tensor) -> Float[Tensor, "N V"]:
+        """Logits at the prediction positions, ``[K * B, V]``, for masks whose first stage is ``s``."""
+        st, rp, n = self.p._st, self.rp, self.rp.n_layers
+        K = masks.shape[0]
+        for g in self.p.wiring.senders:
+            if g.s0 is not None and st.sender_on[g.i] and not self._rerun(g, s):
+                st.D[:, g.s0:g.s1] = self.clean_delta[g.key].unsqueeze(0)
+
+        def tile(t: Tensor) -> Tensor:
+            return t.repeat(K, *([1] * (t.dim() - 1)))
+        if s == 2 * n:
+            x = tile(rp.post(n - 1))
+        elif s % 2:
+            x = rp.blocks(rp.mlp_stage(s // 2, tile(rp.mid(s // 2)), K), s // 2 + 1, K)
+        else:
+            x = rp.blocks(tile(rp.pre(s // 2)), s // 2, K)
+        return rp.gather(rp.logits(x), self.p.batch.pos)[:, 0]
+
+
+__all__ = ["SuffixRunner", "EdgeSuffixRunner"]

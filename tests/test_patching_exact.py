@@ -300,7 +300,10 @@ def test_scores_functions_agree_with_single_runs(gpt2):
         m = torch.zeros(1, g.n_edges, dtype=torch.bool)
         m[0, i] = True
         assert abs(float((p.run(m)[0] - p.clean_metric).mean()) - float(s.values[i])) < 1e-5
-    assert s.ids == tuple(e.id for e in g.edges) and s.method == "patching" and s.forward_passes == 3 + 3
+    # setup (clean, corrupted, all-ablated) + per chunk of 50 masks one pass per first-receiver stage in it
+    start = p._runner.start(torch.eye(g.n_edges, dtype=torch.bool))
+    assert s.ids == tuple(e.id for e in g.edges) and s.method == "patching"
+    assert s.forward_passes == 3 + sum(len(set(start[i:i + 50].tolist())) for i in range(0, g.n_edges, 50))
     ns = node_patching_scores(gpt2, g, BATCH, ablation="zero")
     nn = node_patching_scores(gpt2, g, BATCH, ablation="zero", level="neuron")
     q = NodePatcher(gpt2, g, BATCH, ablation="zero")

@@ -102,7 +102,7 @@ def test_fallback_branches_equal_whole_forwards(off, monkeypatch):
     slow = NodePatcher(m, g, BATCH, ablation="resample", suffix=False)
     masks = masks_for(fast, seed=1)
     if off == "blocks":
-        start = fast._runner.start_layers(masks)
+        start = fast._runner.start(masks)
         assert set(start.tolist()) >= {-1, 2}
     assert_same(fast, slow, masks)
 
@@ -119,3 +119,26 @@ def test_counts_and_clean_masks():
     assert p.forward_passes == before + 2 and p.ablations == 9
     with pytest.raises(ValueError, match="logits node cannot be ablated"):
         p.run(g.node_mask(["logits"]).unsqueeze(0))
+
+
+EDGE_MODELS = {"gpt2-3l": lambda: gpt2_bridge(n_layers=3), "llama-3l": lambda: llama_bridge(n_layers=3),
+               "native-3l": lambda: native_bridge(n_layers=3)}
+
+
+@pytest.mark.parametrize("name,ablation,qkv", [(n, a, None) for n in sorted(EDGE_MODELS) for a in ("resample", "mean")]
+                         + [("gpt2-3l", "resample", "split"), ("llama-3l", "zero", "split")])  # boot_native: no split
+def test_edge_fast_path_equals_whole_forwards(name, ablation, qkv):
+    from patching import EdgePatcher
+
+    m = EDGE_MODELS[name]()
+    g = ComponentGraph.from_model(m)
+    fast = EdgePatcher(m, g, BATCH, ablation=ablation, qkv_path=qkv, chunk_size=16)
+    slow = EdgePatcher(m, g, BATCH, ablation=ablation, qkv_path=qkv, suffix=False)
+    E = g.n_edges
+    gen = torch.Generator().manual_seed(2)
+    masks = torch.cat([torch.eye(E, dtype=torch.bool), torch.rand(10, E, generator=gen) < 0.3,
+                       torch.rand(10, E, generator=gen) < 0.03, torch.zeros(1, E, dtype=torch.bool)])
+    start = fast._runner.start(masks)
+    assert set(start.tolist()) == {*range(2 * 3 + 1), fast._runner.none}  # every stage, from layer 0 to logits
+    assert_same(fast, slow, masks)
+    assert torch.allclose(fast.ablated_metric, slow.ablated_metric, atol=1e-4)

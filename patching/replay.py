@@ -90,13 +90,17 @@ class Replay:
             if self.n_layers and hasattr(self.model, "ln_final") and hasattr(self.model, "unembed"):
                 for key, mod in self._modules():
                     def pre(m: Any, args: tuple, kwargs: dict, _k: tuple = key) -> None:
-                        if _k not in self.calls:  # the first call (the forward's own) only
-                            if args and isinstance(args[0], Tensor):  # hidden states: kept as they were
-                                args = (args[0].detach().clone(), *args[1:])
-                            self.calls[_k] = _Call(args, dict(kwargs))
+                        if _k in self.calls:  # the first call (the forward's own) only
+                            return
+                        keep = _k[1] in ("block", "ln2")  # block inputs and ``mid`` are kept; other inputs
+                        if args and isinstance(args[0], Tensor):  # are replaced on replay, so not stored
+                            args = (args[0].detach().clone() if keep else None, *args[1:])
+                        elif not keep:
+                            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                        self.calls[_k] = _Call(args, dict(kwargs))
 
                     def post(m: Any, args: tuple, kwargs: dict, out: Any, _k: tuple = key) -> None:
-                        if self.calls[_k].out is None:
+                        if _k[1] == "block" and self.calls[_k].out is None:
                             self.calls[_k].out = _first(out).detach().clone()
                     handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
                     handles.append(mod.register_forward_hook(post, with_kwargs=True))

@@ -188,8 +188,6 @@ class EdgeSuffixRunner:
         self.edge_stage = stage
         self.stage_ok = [replay.usable_from(s // 2) and (s % 2 == 0 or replay.staged[s // 2])
                          for s in range(2 * n)] + [replay.logits_ok]
-        self.clean_delta = {g.key: patcher._abl_out[g.key] - g.out(patcher.clean_units[g.key]).permute(2, 0, 1, 3)
-                            for g in w.senders if g.s0 is not None}                  # [n, B, P, d]
 
     def start(self, ablate: Bool[Tensor, "K E"]) -> Tensor:
         """First receiver stage each mask touches (``none``: no edge; ``-1``: a whole forward)."""
@@ -210,7 +208,8 @@ class EdgeSuffixRunner:
         K = masks.shape[0]
         for g in self.p.wiring.senders:
             if g.s0 is not None and st.sender_on[g.i] and not self._rerun(g, s):
-                st.D[:, g.s0:g.s1] = self.clean_delta[g.key].unsqueeze(0)
+                clean = g.out(self.p.clean_units[g.key]).permute(2, 0, 1, 3)         # [n, B, P, d]
+                st.D[:, g.s0:g.s1] = (self.p._abl_out[g.key] - clean).unsqueeze(0)
 
         def tile(t: Tensor) -> Tensor:
             return t.repeat(K, *([1] * (t.dim() - 1)))

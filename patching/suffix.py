@@ -43,13 +43,14 @@ class SuffixRunner:
         for g in w.senders:
             if g.layer is not None:
                 self.by_layer.setdefault(g.layer, {})[g.kind] = g
-        # each node's layer (-1: embeddings, which need a whole forward)
-        layer = torch.full((patcher.graph.n_nodes,), -1, dtype=torch.long)
+        # each node's stage: 2L (heads, neurons, block of layer L), 2L + 1 (the MLP of layer L: masks whose first
+        # ablated node is an MLP skip its layer entirely); -1: embeddings, which need a whole forward
+        stage = torch.full((patcher.graph.n_nodes,), -1, dtype=torch.long)
         for g in w.senders:
             if g.layer is not None:
-                layer[g.node_idx.cpu()] = g.layer
-        self.node_layer = layer.to(w.device)
-        self.none = self.n_layers  # the start of a mask that ablates nothing
+                stage[g.node_idx.cpu()] = 2 * g.layer + (g.kind == "mlp")
+        self.node_stage = stage.to(w.device)
+        self.none = 2 * self.n_layers  # the start of a mask that ablates nothing
         self._basis: tuple[int, Tensor | None] = (-1, None)
         self.heads_linear = {L: self._heads_are_linear(L) for L, gs in self.by_layer.items() if "heads" in gs}
 
@@ -65,11 +66,11 @@ class SuffixRunner:
         return dev <= 1e-4 * (float(attn_out.abs().max()) or 1.0) + 1e-6
 
     def start(self, ablate: Bool[Tensor, "K N"]) -> Tensor:
-        """First layer each mask ablates (``n_layers``: none; ``-1``: an embedding or no fast path)."""
-        big = torch.full_like(self.node_layer, self.n_layers)
-        first = torch.where(ablate, self.node_layer.unsqueeze(0), big.unsqueeze(0)).min(-1).values
-        usable = torch.tensor([self.rp.usable_from(L) if 0 <= L < self.n_layers else L >= 0
-                               for L in first.tolist()], dtype=torch.bool, device=first.device)
+        """First stage each mask ablates (``none``: nothing; ``-1``: an embedding or no fast path)."""
+        big = torch.full_like(self.node_stage, self.none)
+        first = torch.where(ablate, self.node_stage.unsqueeze(0), big.unsqueeze(0)).min(-1).values
+        usable = torch.tensor([s == self.none or (s >= 0 and self.rp.usable_from(s // 2)) for s in first.tolist()],
+                              dtype=torch.bool, device=first.device)
         return torch.where(usable, first, torch.full_like(first, -1))
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -104,11 +105,11 @@ class SuffixRunner:
         return out.reshape(K * self.p.B, *diff.shape[1:])
 
     # ---- the run -------------------------------------------------------------------------------
-    def run(self, L: int, masks: Tensor) -> Float[Tensor, "N V"]:
-        """Logits at the prediction positions, ``[K * B, V]``, for ``K`` masks whose first layer is ``L``
-        (the patcher's chunk state, ``st.masks``, is set by the caller)."""
+    def run(self, s: int, masks: Tensor) -> Float[Tensor, "N V"]:
+        """Logits at the prediction positions, ``[K * B, V]``, for ``K`` masks whose first stage is ``s``
+        (layer ``L = s // 2``; the patcher's chunk state, ``st.masks``, is set by the caller)."""
         st, rp = self.p._st, self.rp
-        K = masks.shape[0]
+        K, L = masks.shape[0], s // 2
         gs = self.by_layer.get(L, {})
         m = {kind: st.masks[g.i] for kind, g in gs.items()}
         heads, mlp, neurons, block = (m.get(k) for k in ("heads", "mlp", "neurons", "block"))

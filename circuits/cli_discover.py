@@ -18,6 +18,9 @@ methods:
               continues an interrupted run.
   eap         edge attribution patching (Syed et al. 2023)
   eap-ig      EAP with integrated gradients (Hanna et al. 2024)
+  greedy      minimal faithful circuit: removes the least harmful edge (exact patching of every remaining
+              edge per step) while faithfulness stays >= --target; --topk N|P% starts from EAP-IG's top-N
+              circuit instead of the full graph (much faster on larger graphs)
   node-patch  exact activation patching of each head / MLP (or neuron with --level neuron)
   node-atp    attribution patching (AtP) of heads / MLPs / neurons
   Without --topk / --threshold these keep the smallest top-k circuit (k from a grid of 1%..100% of the
@@ -26,6 +29,7 @@ methods:
 examples:
   circuitexplain discover --model ioi-2l --task ioi --method acdc --out ioi-acdc.json
   circuitexplain discover --model attn2l-induction --task induction --method eap --topk 5% --out ind.json
+  circuitexplain discover --model ioi-2l --task ioi --method greedy --topk 40% --out ioi-greedy.json
   circuitexplain discover --model ioi-mamba --task ioi --method node-patch --level node --out m.json --json
 """
 
@@ -49,7 +53,7 @@ def parse_topk(text: str) -> tuple[int | None, float | None]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "discover", help="discover a circuit (ACDC, EAP, EAP-IG, node patching, AtP)",
+        "discover", help="discover a circuit (ACDC, EAP, EAP-IG, greedy pruning, node patching, AtP)",
         description="Find the circuit a model uses for a task and save it as CircuitGraph JSON "
                     "(networkx node-link; every scored unit with its score and in_circuit flag, plus "
                     "faithfulness and provenance).",
@@ -62,13 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: resample)")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--topk", type=parse_topk, metavar="N|P%",
-                     help="keep the N units (or P%% of them) of largest |score| (eap, eap-ig, node methods)")
+                     help="keep the N units (or P%% of them) of largest |score| (eap, eap-ig, node methods); "
+                          "greedy: the size of its EAP-IG warm start")
     sel.add_argument("--threshold", type=float, metavar="X",
                      help="ACDC's tau, or the minimum |score| of a kept unit for the other methods")
     p.add_argument("--target", type=float, default=0.8, dest="faithfulness_target", metavar="F",
                    help="scoring methods without --topk/--threshold: the smallest circuit with faithfulness "
-                        ">= F (default 0.8)")
-    p.add_argument("--level", choices=LEVELS, help="edge (acdc, eap, eap-ig), node or neuron (node methods); "
+                        ">= F; greedy: its stopping point (default 0.8)")
+    p.add_argument("--level", choices=LEVELS, help="edge (acdc, eap, eap-ig, greedy), node or neuron (node methods); "
                                                    "default: the method's first level")
     p.add_argument("--metric", help="metric the method scores with: kl, logit_diff, prob_diff, accuracy "
                                     "(default: kl for acdc, the task's metric otherwise)")

@@ -129,11 +129,12 @@ register(Recipe(
 
 register(Recipe(
     name="ioi-2l", architecture="llama", config=dict(_LLAMA_128),
-    data="ioi", measure="ioi", steps=400, lr=1e-3, batch=128, seed=0,
+    data="ioi", measure="ioi", steps=400, lr=3e-3, batch=128, seed=0, weight_decay=1.0,
     figures=(Figure("accuracy", 0.95, True, _ACC),
              Figure("logit_diff", None, True, "mean logit(IO) - logit(S) on held-out prompts"),
              Figure("corrupt_logit_diff", None, True, "same on the ABC-corrupted prompts (should be near 0)")),
-    description="2-layer Llama trained on IOI templates (50 names, ABBA and BABA)"))
+    description="2-layer Llama trained on IOI templates (50 names, ABBA and BABA); weight decay 1.0 concentrates "
+                "the mechanism (greedy keeps 20 of 110 edges for 80 %)"))
 
 register(Recipe(
     name="greater-than-2l", architecture="llama", config=dict(_LLAMA_128),

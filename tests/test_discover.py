@@ -17,6 +17,7 @@ import json
 
 import pytest
 import torch
+from helpers_graphs import comparable
 
 from circuits.algorithms import DiscoveryConfig
 from circuits.algorithms.acdc import run_acdc
@@ -187,20 +188,12 @@ def test_acdc_equals_sequential_acdc_on_a_model(induction_model, tau):
     assert stats["rounds"] < stats["edges_tested"]  # batched: fewer engine calls than tried edges
 
 
-def _strip(G):
-    data = json.loads(json.dumps({"graph": dict(G.graph), "nodes": list(G.nodes(data=True)),
-                                  "edges": list(G.edges(data=True))}))
-    for key in ("created", "seconds"):
-        data["graph"].pop(key)
-    return data
-
-
 @pytest.mark.parametrize("method", ["acdc", "eap-ig"])
 def test_same_call_twice_gives_the_same_graph(induction_model, method):
     cfg = DiscoveryConfig(seed=3, n_prompts=8)
     a = discover(induction_model, "induction", method, cfg)
     b = discover(induction_model, "induction", method, cfg)
-    assert _strip(a) == _strip(b)
+    assert comparable(a) == comparable(b)
     assert a.graph["seed"] == 3 and a.graph["n_prompts"] == 8 and json.loads(a.graph["config"])["seed"] == 3
 
 

@@ -31,6 +31,11 @@ from patching.replay import Replay
 from patching.wiring import SenderGroup
 
 
+def _tile(t: Tensor, K: int) -> Tensor:
+    """``K`` copies of ``t`` along the batch dimension (mask-major rows)."""
+    return t.repeat(K, *([1] * (t.dim() - 1)))
+
+
 class SuffixRunner:
     """Runs node masks that all start at one layer (see the module docstring) for a NodePatcher."""
 
@@ -74,9 +79,6 @@ class SuffixRunner:
         return torch.where(usable, first, torch.full_like(first, -1))
 
     # ---- pieces -------------------------------------------------------------------------------
-    def _tile(self, t: Tensor, K: int) -> Tensor:
-        return t.repeat(K, *([1] * (t.dim() - 1)))
-
     def _mid_basis(self, L: int) -> Tensor:
         """``[H + 1, B*P*d]``: each head's ``(z'_h - z_h) W_O[h]``, then the clean ``mid`` (one layer cached)."""
         if self._basis[0] != L:
@@ -94,12 +96,10 @@ class SuffixRunner:
         mid = self.rp.mid(L)
         return (coef @ basis).view(m.shape[0] * mid.shape[0], *mid.shape[1:])
 
-    def _unit_delta(self, g: SenderGroup, m: Tensor, at_pos: bool) -> Tensor:
-        """``mask * (ablated - clean)`` of a one-unit group (MLP, block) as ``[N, P|1, d]``."""
-        diff = (self.p.abl_units[g.key] - self.p.clean_units[g.key]).squeeze(-2)   # [B|1, P|1, d]
+    def _unit_delta(self, g: SenderGroup, m: Tensor) -> Tensor:
+        """``mask * (ablated - clean)`` of a one-unit group (MLP, block) as ``[N, P, d]``."""
+        diff = (self.p.abl_units[g.key] - self.p.clean_units[g.key]).squeeze(-2)   # [B, P, d]
         diff = diff.expand(self.p.B, *diff.shape[1:])
-        if at_pos:
-            diff = diff if diff.shape[1] == 1 else self.rp.gather(diff, self.pos)
         K = m.shape[0]
         out = m.to(diff.dtype).view(K, 1, 1, 1) * diff.unsqueeze(0)
         return out.reshape(K * self.p.B, *diff.shape[1:])
@@ -117,14 +117,14 @@ class SuffixRunner:
         for g in gs.values():  # layer L is handled here, not by its hooks (re-enabled below for MLP re-runs)
             st.masks[g.i] = None
         if block is not None:
-            x = self._tile(rp.post(L), K) + self._unit_delta(gs["block"], block, False)
+            x = _tile(rp.post(L), K) + self._unit_delta(gs["block"], block)
         elif (heads is not None and not self.heads_linear.get(L)) or (
                 (mlp is not None or neurons is not None) and not rp.staged[L]):
             for kind, g in gs.items():  # re-run block L whole, its hooks ablating its nodes
                 st.masks[g.i] = m[kind]
-            x = rp.blocks(self._tile(rp.pre(L), K), L, K, L + 1)
+            x = rp.blocks(_tile(rp.pre(L), K), L, K, L + 1)
         elif heads is not None or neurons is not None:
-            mid = self._mid_with_heads(L, heads) if heads is not None else self._tile(rp.mid(L), K)
+            mid = self._mid_with_heads(L, heads) if heads is not None else _tile(rp.mid(L), K)
             if last and neurons is None:
                 return self._mlp_at_pos(L, mid, mlp, K)
             if "mlp" in gs:
@@ -133,7 +133,7 @@ class SuffixRunner:
                 st.masks[gs["neurons"].i] = neurons
             x = rp.mlp_stage(L, mid, K)
         else:  # only the MLP of layer L
-            x = self._tile(rp.post(L), K) + self._unit_delta(gs["mlp"], mlp, False)
+            x = _tile(rp.post(L), K) + self._unit_delta(gs["mlp"], mlp)
         if last:
             return rp.logits(rp.gather(x, self.pos))[:, 0]
         return self._finish(L + 1, x, K)
@@ -148,7 +148,7 @@ class SuffixRunner:
             abl = abl.expand(self.p.B, *abl.shape[1:])
             abl = abl if abl.shape[1] == 1 else self.rp.gather(abl, self.pos)
             rows = mlp[:, 0].repeat_interleave(self.p.B).view(-1, 1, 1)
-            out = torch.where(rows, self._tile(abl, K), out)
+            out = torch.where(rows, _tile(abl, K), out)
         return self.rp.logits(xp + out)[:, 0]
 
     def _finish(self, start: int, x: Tensor, K: int) -> Tensor:
@@ -211,15 +211,12 @@ class EdgeSuffixRunner:
             if g.s0 is not None and st.sender_on[g.i] and not self._rerun(g, s):
                 clean = g.out(self.p.clean_units[g.key]).permute(2, 0, 1, 3)         # [n, B, P, d]
                 st.D[:, g.s0:g.s1] = (self.p._abl_out[g.key] - clean).unsqueeze(0)
-
-        def tile(t: Tensor) -> Tensor:
-            return t.repeat(K, *([1] * (t.dim() - 1)))
         if s == 2 * n:
-            x = tile(rp.post(n - 1))
+            x = _tile(rp.post(n - 1), K)
         elif s % 2:
-            x = rp.blocks(rp.mlp_stage(s // 2, tile(rp.mid(s // 2)), K), s // 2 + 1, K)
+            x = rp.blocks(rp.mlp_stage(s // 2, _tile(rp.mid(s // 2), K), K), s // 2 + 1, K)
         else:
-            x = rp.blocks(tile(rp.pre(s // 2)), s // 2, K)
+            x = rp.blocks(_tile(rp.pre(s // 2), K), s // 2, K)
         return rp.gather(rp.logits(x), self.p.batch.pos)[:, 0]
 
 

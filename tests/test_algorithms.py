@@ -18,6 +18,7 @@ from circuits.algorithms.acdc import run_acdc
 from circuits.algorithms.order import acdc_receivers, node_key
 from circuits.algorithms.select import nodes_touched, prune_to_connected, select_units, top_connected
 from patching.graph import Edge as E
+from patching.graph import Node as N
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,16 +31,6 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------------- a tiny graph
-@dataclass(frozen=True)
-class N:
-    id: str
-    kind: str
-    layer: int | None
-    head: int | None = None
-    index: int | None = None
-    hook: str = ""
-
-
 @dataclass
 class G:
     nodes: tuple

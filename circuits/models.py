@@ -201,7 +201,7 @@ def _facts_from_config(name: str, kind: str, cfg: Any, raw: dict[str, Any]) -> M
             n_kv = 1 if get("multi_query", default=False) else n_heads
         d_head = int(get("head_dim", default=0) or d_model // n_heads)
     d_mlp = get("intermediate_size", "n_inner", "ffn_dim", "d_ff")
-    if d_mlp is None and model_type == "gpt2":
+    if d_mlp is None:           # GPT-2, GPT-J, GPT-Neo, BigCode: n_inner None means 4 * d_model
         d_mlp = 4 * d_model
     if recurrent:
         d_mlp = 0

@@ -81,3 +81,68 @@ def test_load_tokenizer_from_disk():
     tok = load_tokenizer("ioi-2l")
     assert tok.name_or_path == str(checkpoint_dir("ioi-2l"))
     assert tok.bos_token_id == 0 and tok.pad_token_id == 2
+
+
+# ------------------------------------------------------------------------------------------------ model_facts
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_model_facts_agree_with_the_loaded_bridge(name, zoo_model):
+    """Oracle: the bridge TransformerLens builds from the same checkpoint."""
+    from circuits.models import model_facts
+
+    f = model_facts(name)
+    cfg = zoo_model(name).cfg
+    assert f.kind == "zoo" and f.n_layers == cfg.n_layers and f.d_model == cfg.d_model
+    assert f.family == ("recurrent" if RECIPES[name].architecture == "mamba" else "transformer")
+    if f.family == "transformer":
+        assert (f.n_heads, f.d_head, f.d_mlp, f.d_vocab) == (cfg.n_heads, cfg.d_head, cfg.d_mlp, cfg.d_vocab)
+        assert f.n_kv_heads == (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) and not f.gqa
+        assert f.attn_only == RECIPES[name].attn_only
+    else:
+        assert f.n_heads == f.n_kv_heads == 0
+
+
+def test_model_facts_of_pretrained_need_no_download(tmp_path, monkeypatch):
+    from circuits.models import model_facts
+
+    monkeypatch.setenv("CIRCUITEXPLAIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    f = model_facts("smollm2-135m")
+    assert (f.kind, f.family, f.n_layers, f.n_heads, f.n_kv_heads, f.gqa) == ("pretrained", "transformer", 30, 9, 3, True)
+    assert list(tmp_path.iterdir()) == []
+    assert type(f).from_dict(f.to_dict()) == f
+
+
+def test_model_facts_from_local_configs_without_weights(tmp_path):
+    """Configs of other architectures (no weights saved): GQA Llama, GPT-2 (n_inner None), multi-query
+    GPT-BigCode, Mamba and RWKV (recurrent)."""
+    from transformers import GPT2Config, GPTBigCodeConfig, LlamaConfig, MambaConfig, RwkvConfig
+
+    from circuits.models import model_facts
+
+    cases = {
+        "llama": (LlamaConfig(num_hidden_layers=3, hidden_size=96, num_attention_heads=6, num_key_value_heads=2,
+                              intermediate_size=200, vocab_size=100), ("transformer", 3, 96, 6, 2, 16, 200, True)),
+        "gpt2": (GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100), ("transformer", 2, 64, 4, 4, 16, 256, False)),
+        "bigcode": (GPTBigCodeConfig(n_layer=2, n_embd=64, n_head=8, multi_query=True, vocab_size=100),
+                    ("transformer", 2, 64, 8, 1, 8, 256, True)),
+        "mamba": (MambaConfig(num_hidden_layers=2, hidden_size=32, vocab_size=100), ("recurrent", 2, 32, 0, 0, 0, 0, False)),
+        "rwkv": (RwkvConfig(num_hidden_layers=2, hidden_size=32, vocab_size=100), ("recurrent", 2, 32, 0, 0, 0, 0, False)),
+    }
+    for key, (cfg, want) in cases.items():
+        d = tmp_path / key
+        cfg.architectures = [key]
+        cfg.save_pretrained(d)
+        f = model_facts(d)
+        got = (f.family, f.n_layers, f.d_model, f.n_heads, f.n_kv_heads, f.d_head, f.d_mlp, f.gqa)
+        assert f.kind == "local" and got == want, (key, got)
+
+
+def test_model_facts_offline_hub_name_is_one_line(monkeypatch):
+    from circuits.models import model_facts
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError) as e:
+        model_facts("some-org/never-cached-model")
+    assert "\n" not in str(e.value) and "HF_HUB_OFFLINE" in str(e.value)

@@ -12,7 +12,7 @@ OUT    ?= out
 PYTEST_ARGS ?=
 SAELENS_VENV ?= .venv-saelens
 
-.PHONY: demo test install install-test lint bench clean saelens-env
+.PHONY: demo test install install-test lint bench clean vllm-venv saelens-env
 
 $(VENV)/.base:
 	python3 -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed: $(VENV)/.base pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e '.[test,tracr]'
+	$(PIP) install -q -e '.[test,tracr,embed]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -40,8 +40,15 @@ $(SAELENS_VENV)/.installed: scripts/saelens_env.sh
 
 saelens-env: $(SAELENS_VENV)/.installed
 
-test: install-test saelens-env
+test: install-test saelens-env vllm-venv
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# vLLM (CPU) in a venv of its own for `circuitexplain llm serve` and the real-server tests (about 100 s)
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: scripts/build_vllm_venv.sh
+	bash scripts/build_vllm_venv.sh $(VLLM_VENV)
+
+vllm-venv: $(VLLM_VENV)/.installed
 
 lint: install-test
 	$(VENV)/bin/ruff check patching circuits graphs explainers evals tests scripts

@@ -85,19 +85,20 @@ class _Setup:
         self.wiring = Wiring(model, graph)
         self.batch = batch.to(self.wiring.device)
         self.split = split and self.wiring.needs_split()
+        self.ungroup = split and self.wiring.ungroup
         self.forward_passes = 0
         self.clean_units: dict[str, Tensor] = {}
         self.abl_units: dict[str, Tensor] = {}
         self.clean_logits: Tensor | None = None
 
     def capture_clean(self) -> None:
-        with torch.no_grad(), prepared(self.model, split_qkv=self.split):
+        with torch.no_grad(), prepared(self.model, split_qkv=self.split, ungroup=self.ungroup):
             logits, self.clean_units = self.wiring.capture(self.batch.clean)
         self.clean_logits = gather_pos(logits, self.batch.pos)
         self.forward_passes += 1
 
     def ablate(self) -> None:
-        with torch.no_grad(), prepared(self.model, split_qkv=self.split):
+        with torch.no_grad(), prepared(self.model, split_qkv=self.split, ungroup=self.ungroup):
             self.abl_units, runs = ablation_values(self.wiring, self.batch, self.clean_units, self.ablation,
                                                    reference=self.reference, per_position=self.per_position)
         self.forward_passes += runs
@@ -148,7 +149,7 @@ def _grad_pass(setup: _Setup, *, sender_probes: bool, receiver_probes: bool,
     hooks += [(g.hook, sender_fn(g)) for g in w.senders]
     if receiver_probes:
         hooks += [(r.hook, receiver_fn(r)) for r in w.receivers]
-    with torch.enable_grad(), prepared(model, split_qkv=setup.split), model.hooks(fwd_hooks=hooks):
+    with torch.enable_grad(), prepared(model, split_qkv=setup.split, ungroup=setup.ungroup), model.hooks(fwd_hooks=hooks):
         logits = gather_pos(model(b.clean), b.pos)
         if setup.clean_logits is None:
             setup.clean_logits = logits.detach()

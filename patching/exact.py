@@ -92,10 +92,11 @@ class _Patcher:
         self.forward_passes = 0
         self.ablations = 0
         self._split = self._level == "edge" and self.wiring.needs_split()
+        self._ungroup = self._level == "edge" and self.wiring.ungroup
         self._st = _State(B=self.B, P=self.P)
         self._replay = Replay(model, self.B) if replay else None
         self._runner: Any = None
-        with torch.no_grad(), prepared(model, split_qkv=self._split):
+        with torch.no_grad(), prepared(model, split_qkv=self._split, ungroup=self._ungroup):
             with self._replay.recording() if self._replay else nullcontext():
                 logits, self.clean_units = self.wiring.capture(self.batch.clean)
             self.forward_passes += 1
@@ -138,7 +139,7 @@ class _Patcher:
     @torch.no_grad()
     def _run_whole(self, ablate: Tensor) -> Float[Tensor, "K B V"]:
         out = []
-        with prepared(self.model, split_qkv=self._split), self.model.hooks(fwd_hooks=self._hooks):
+        with prepared(self.model, split_qkv=self._split, ungroup=self._ungroup), self.model.hooks(fwd_hooks=self._hooks):
             for start in range(0, ablate.shape[0], self.chunk_size):
                 chunk = ablate[start:start + self.chunk_size]
                 K = chunk.shape[0]
@@ -171,7 +172,7 @@ class _Patcher:
         whole = (start < 0).nonzero()[:, 0]
         if len(whole):
             out[whole] = self._run_whole(ablate[whole])
-        with prepared(self.model, split_qkv=self._split), self.model.hooks(fwd_hooks=self._hooks):
+        with prepared(self.model, split_qkv=self._split, ungroup=self._ungroup), self.model.hooks(fwd_hooks=self._hooks):
             for s in sorted(set(start.tolist()) - {-1, self._runner.none}):
                 idx = (start == s).nonzero()[:, 0]
                 for c in range(0, len(idx), self.chunk_size):

@@ -33,8 +33,9 @@ Model families:
 * Recurrent / state-space / hybrid bridges (Mamba, RWKV, ...: blocks without an ``attn`` component)
   get node-level patching only: nodes ``embed``, ``b{L}`` (a whole block: its contribution
   ``blocks.L.hook_out - blocks.L.hook_in``) and ``logits``, ``supports_edges=False``. Edge calls
-  raise a ``ValueError`` naming the reason, as they do for grouped-query attention (k/v inputs are
-  shared between query heads) and parallel attention/MLP blocks.
+  raise a ``ValueError`` naming the reason, as they do for parallel attention/MLP blocks.
+* Grouped-query attention (query heads sharing k/v heads) gets edges per *query* head: edge runs see
+  the model ungrouped (``patching/gqa.py``), so ``a0.h1->a3.h2<k>`` is head 2's keys alone.
 """
 
 from __future__ import annotations

@@ -125,9 +125,13 @@ def inspect_model(model: Any) -> dict[str, Any]:
     info["skipped_mlps"] = skipped
 
     reasons = []
-    n_kv = _cfg(model, "n_key_value_heads")
-    if n_kv is not None and int(n_kv) != n_heads:
-        reasons.append(f"grouped-query attention ({n_kv} k/v heads for {n_heads} query heads)")
+    from patching.gqa import n_kv_heads, ungroup_reason
+
+    info["n_kv_heads"] = n_kv_heads(model)
+    gqa = ungroup_reason(model)
+    if gqa:
+        reasons.append(f"grouped-query attention ({info['n_kv_heads']} k/v heads for {n_heads} query heads) "
+                       f"that cannot be ungrouped: {gqa}")
     if info["parallel"]:
         reasons.append("parallel attention/MLP blocks")
     if bool(_cfg(model, "use_normalization_before_and_after", False)):
@@ -138,6 +142,11 @@ def inspect_model(model: Any) -> dict[str, Any]:
     split_ok = _split_qkv_supported(model)
     head_err, proj_err = _self_check(model, projected=projected_ok) if not reasons else (0.0, 0.0)
     tol = max(1e-3, 8 * torch.finfo(model_dtype(model)).eps)  # float32: 1e-3; half precision: looser
+    if info["n_kv_heads"] != n_heads and not reasons:
+        err = _ungroup_check(model, split=split_ok)
+        if err > tol:
+            reasons.append(f"grouped-query attention ({info['n_kv_heads']} k/v heads for {n_heads} query heads): "
+                           f"the ungrouped model does not reproduce it (error {err:.2g})")
     if projected_ok and proj_err > tol:
         log.info("%s: hook_q/k/v is not ln1(x) @ W + b (error %.2g); projected q/k/v path disabled",
                  info["model"], proj_err)
@@ -208,6 +217,36 @@ def _self_check(model: Any, *, projected: bool) -> tuple[float, float]:
                 y = torch.einsum("bpd,hde->bphe", x, W) + (0 if b is None else b)
                 proj_err = max(proj_err, rel(y, cache[f"blocks.{L}.attn.hook_{inp}"]))
     return head_err, proj_err
+
+
+@torch.no_grad()
+def _ungroup_check(model: Any, *, split: bool) -> float:
+    """On a tiny input: the max relative error of the ungrouped model's logits (``patching/gqa.py``) against
+    the model's own, with the default and (when ``split``) the split q/k/v path; ``inf`` when an ungrouped
+    per-head hook does not have one head per query head."""
+    from patching.wiring import prepared
+
+    d_vocab = max(int(getattr(model.cfg, "d_vocab", 2) or 2), 1)
+    toks = (torch.arange(5, device=model_device(model)) * 7 % d_vocab).unsqueeze(0)
+    H = int(model.cfg.n_heads)
+    with prepared(model):
+        want = model(toks)
+    err = 0.0
+    for sp in (False, True) if split else (False,):
+        heads: list[int] = []
+        names = ["blocks.0.attn.hook_k", "blocks.0.attn.hook_v"] + (
+            ["blocks.0.attn.hook_k_input", "blocks.0.attn.hook_v_input"] if sp else [])
+        hooks = [(n, lambda x, hook, _h=heads: _h.append(int(x.shape[2]))) for n in names]
+        try:
+            with prepared(model, split_qkv=sp, ungroup=True), model.hooks(fwd_hooks=hooks):
+                got = model(toks)
+        except Exception as e:  # noqa: BLE001 - any failure means: cannot ungroup this bridge
+            log.info("%s: ungrouped forward failed (%s: %s)", type(model).__name__, type(e).__name__, e)
+            return float("inf")
+        if heads != [H] * len(names):
+            return float("inf")
+        err = max(err, float((got - want).abs().max() / want.abs().max().clamp_min(1e-6)))
+    return err
 
 
 __all__ = ["inspect_model", "model_device", "model_dtype", "eval_mode"]

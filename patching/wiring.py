@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from patching.gqa import repeat_heads, ungrouped
 from patching.graph import QKV, ComponentGraph
 from patching.model_info import model_device, model_dtype
 from patching.norms import fused_norm_projection
@@ -125,11 +126,16 @@ class ReceiverGroup:
         return out if self.b is None else out + self.b
 
 
-def projection(attn: Any, inp: str, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """``(W [H, d_model, d_head], b [H, d_head] | None)`` of an attention bridge's q, k or v projection."""
+def projection(attn: Any, inp: str, dtype: torch.dtype, n_heads: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """``(W [H, d_model, d_head], b [H, d_head] | None)`` of an attention bridge's q, k or v projection; with
+    ``n_heads``, grouped k/v heads are repeated to one per query head (``patching/gqa.py``)."""
     W = {"q": attn.W_Q, "k": attn.W_K, "v": attn.W_V}[inp].detach().to(dtype)
     b = {"q": attn.b_Q, "k": attn.b_K, "v": attn.b_V}[inp]
-    return W, None if b is None else b.detach().to(dtype)
+    b = None if b is None else b.detach().to(dtype)
+    if n_heads is not None and W.shape[0] != n_heads:
+        W = repeat_heads(W, n_heads)
+        b = None if b is None else repeat_heads(b, n_heads)
+    return W, b
 
 
 class Wiring:
@@ -145,6 +151,9 @@ class Wiring:
             raise ValueError(f"qkv_path {self.qkv_path!r} is not available for {meta.get('model', 'this model')}; "
                              f"choose one of {meta.get('qkv_paths')}")
         self.d_model = int(meta["d_model"])
+        # grouped-query attention: edge runs see the ungrouped model (one k/v input per query head)
+        self.ungroup = bool(graph.supports_edges and graph.n_edges
+                            and int(meta.get("n_kv_heads") or meta.get("n_heads", 0)) != int(meta.get("n_heads", 0)))
         self.S = len(graph.senders)
         self.senders: list[SenderGroup] = []
         self.receivers: list[ReceiverGroup] = []
@@ -230,7 +239,7 @@ class Wiring:
                 self.receivers.append(ReceiverGroup(hook=f"blocks.{L}.attn.hook_{inp}_input", mode="split", **kw))
             else:
                 attn = self.model.blocks[L].attn
-                W, b = projection(attn, inp, self.dtype)
+                W, b = projection(attn, inp, self.dtype, int(meta["n_heads"]))
                 ln = None if meta.get("normalization") is None else self.model.blocks[L].ln1.original_component
                 fused = None if ln is None else fused_norm_projection(ln, W, b)
                 self.receivers.append(ReceiverGroup(hook=f"blocks.{L}.attn.hook_{inp}", mode="projected", W=W,
@@ -283,9 +292,16 @@ class Wiring:
 
 
 @contextmanager
-def prepared(model: Any, *, split_qkv: bool = False):
+def prepared(model: Any, *, split_qkv: bool = False, ungroup: bool = False):
     """Eval mode, ``use_split_qkv_input == split_qkv`` and ``use_attn_result`` off (the engine derives
-    per-head outputs from ``hook_z``; the fused output projection is faster); all restored in ``finally``."""
+    per-head outputs from ``hook_z``; the fused output projection is faster), and with ``ungroup`` grouped-query
+    attention ungrouped (``patching/gqa.py``); all restored in ``finally``."""
+    with ungrouped(model, enable=ungroup), _flags(model, split_qkv):
+        yield model
+
+
+@contextmanager
+def _flags(model: Any, split_qkv: bool):
     was_training = model.training
     flags = {"use_split_qkv_input": split_qkv, "use_attn_result": False}
     prev = {k: bool(getattr(model.cfg, k, False)) for k in flags}

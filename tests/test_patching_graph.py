@@ -82,7 +82,7 @@ def test_neurons_are_nodes_not_edge_ends(gpt2):
     assert not any(".n" in e.sender or ".n" in e.receiver for e in g.edges)
 
 
-def test_recurrent_and_gqa_models_are_node_level_only():
+def test_recurrent_models_are_node_level_only_and_gqa_models_get_edges():
     m = mamba_bridge()
     g = ComponentGraph.from_model(m)
     assert [n.id for n in g.nodes] == ["embed", "b0", "b1", "logits"]
@@ -92,9 +92,10 @@ def test_recurrent_and_gqa_models_are_node_level_only():
         EdgePatcher(m, g, batch)
     with pytest.raises(ValueError, match="node-level"):
         eap(m, g, batch)
+    # grouped-query attention is ungrouped for edge runs (tests/test_gqa.py): one k/v input per query head
     gq = ComponentGraph.from_model(llama_bridge(n_heads=4, n_kv_heads=2))
-    assert not gq.supports_edges and "grouped-query" in gq.meta["edge_reason"]
-    assert sum(n.kind == "attn_head" for n in gq.nodes) == 8
+    assert gq.supports_edges and gq.meta["n_kv_heads"] == 2 and gq.meta["edge_reason"] == ""
+    assert sum(n.kind == "attn_head" for n in gq.nodes) == 8 and gq.n_edges == expected_edges(2, 4, 1, {0, 1})
 
 
 def test_graph_round_trip_and_edge_ids(gpt2):

@@ -11,6 +11,7 @@ Oracles:
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -48,20 +49,32 @@ def test_eliminate_by_hand_on_an_additive_metric():
     # total 10.5, target 0.8 needs >= 8.4: remove the harmful edge 3 (-> 11), then edge 1 (-> 10); removing
     # edge 4 next would leave 8 < 8.4, so {0, 2, 4} is kept.
     m = Additive([5.0, 1.0, 3.0, -0.5, 2.0])
-    kept, effect, stats = eliminate(m, no_pruning, torch.ones(5, dtype=torch.bool), 0.8)
+    kept, effect, step, stats = eliminate(m, no_pruning, torch.ones(5, dtype=torch.bool), 0.8)
     assert kept.tolist() == [True, False, True, False, True]
     assert effect.tolist() == [-5.0, -1.0, -3.0, 0.5, -2.0]  # removed at their step; kept vs the final circuit
+    assert step.tolist() == [math.inf, 1.0, math.inf, 0.0, math.inf]  # edge 3 removed first, then edge 1
     assert stats["steps"] == 2 and stats["faithfulness_final"] == pytest.approx(10 / 10.5)
     assert stats["start_faithfulness"] == 1.0 and stats["target_reached"] == 1 and stats["start_edges"] == 5
 
 
+def test_elimination_to_empty_ranks_every_edge_by_hand():
+    # continued past the target: {0, 2, 4} (10) -> drop 4 (8) -> drop 2 (5) -> drop 0; the circuit and the
+    # effects at the target are those of the plain run, and the removal order is the weights' order
+    m = Additive([5.0, 1.0, 3.0, -0.5, 2.0])
+    kept, effect, step, stats = eliminate(m, no_pruning, torch.ones(5, dtype=torch.bool), 0.8, to_empty=True)
+    assert kept.tolist() == [True, False, True, False, True] and stats["steps"] == 2
+    assert effect.tolist() == [-5.0, -1.0, -3.0, 0.5, -2.0]
+    assert step.tolist() == [4.0, 1.0, 3.0, 0.0, 2.0]
+    assert stats["faithfulness_final"] == pytest.approx(10 / 10.5) and stats["ranked_to_empty"] == 1
+
+
 def test_eliminate_breaks_ties_by_edge_index_and_stops_at_the_target():
     m = Additive([1.0, 1.0, 1.0, 1.0])
-    kept, _, stats = eliminate(m, no_pruning, torch.ones(4, dtype=torch.bool), 0.5)
+    kept, _, _, stats = eliminate(m, no_pruning, torch.ones(4, dtype=torch.bool), 0.5)
     assert kept.tolist() == [False, False, True, True]  # f = 0.5 is still >= 0.5; 0.25 is not
     assert stats["steps"] == 2
     # a start below the target: nothing to remove that reaches it, the start is returned
-    kept, _, stats = eliminate(Additive([1.0, 1.0]), no_pruning, torch.tensor([True, False]), 0.9)
+    kept, _, _, stats = eliminate(Additive([1.0, 1.0]), no_pruning, torch.tensor([True, False]), 0.9)
     assert kept.tolist() == [True, False] and stats["target_reached"] == 0 and stats["steps"] == 0
 
 

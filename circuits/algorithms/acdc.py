@@ -31,7 +31,24 @@ measured values, so a rerun repeats it exactly.
 
 Resume: with ``config.checkpoint`` the state after a completed round (removed edges, measured effects,
 position, counters) is written atomically every ``SAVE_EVERY`` seconds and when the run stops (also on
-Ctrl-C); with ``config.resume`` a run continues from it and ends with the same circuit.
+Ctrl-C); with ``config.resume`` a run continues from it and ends with the same circuit. The progress bar
+(``config.progress``) counts candidate edges decided, with tqdm's rate and ETA.
+
+Warm start (``config.warm_start`` N or ``warm_start_fraction``), for graphs too large to try every edge
+(about 120k edges on a 30-layer model): score every edge once with EAP-IG (on ``config.warm_start_metric``,
+the task's metric by default, since KL has no gradient at the clean run), keep the N edges of largest
+``|score|`` as candidates and remove every other edge up front; ACDC then runs as above over the
+candidates only (the others are never tried), starting from the metric of the graph of candidates. Cost:
+one EAP-IG plus about N trials instead of E. Trade-off: an edge outside the top N can never be in the
+circuit, and the candidates are judged against a graph that already lacks the others, so the result is
+ACDC restricted to EAP-IG's top N, not ACDC on the whole graph; choose N well above the circuit size you
+expect (the result's ``stat_warm_start_kept`` says how many candidates survived).
+
+Scores and ranking: an edge's value is the metric change measured when ACDC tried it, against whatever had
+been removed before (0 for edges into skipped receivers, NaN for edges removed up front by a warm start):
+not a per-edge effect. The result therefore ranks by membership (``ranking_kind="in-circuit"``: kept edges
+first by ``|change|``, then tried-and-removed ones, then untried ones); ROC curves as in Conmy et al. come
+from a sweep of tau (:mod:`circuits.algorithms.acdc_sweep`), one ACDC run per tau.
 """
 
 from __future__ import annotations
@@ -39,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -49,7 +67,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from circuits.algorithms.base import DiscoveryConfig, DiscoveryResult, register
+from circuits.algorithms.base import DIVERGENCE_METRICS, DiscoveryConfig, DiscoveryResult, register
 from circuits.algorithms.order import Receiver, acdc_receivers
 
 log = logging.getLogger(__name__)
@@ -57,7 +75,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TAU = 0.01
 CPU_CALL_OVERHEAD = 0.5   # cost of an engine call in masks (measured on ioi-2l: ~18 ms per call, ~35 per mask)
 GPU_CALL_OVERHEAD = 20.0
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 SAVE_EVERY = 2.0  # seconds between checkpoint writes (and one when the run stops, even by Ctrl-C)
 
 
@@ -81,37 +99,76 @@ class _State:
     tries: list[int]        # guesses [uninformed, informed] among decisions made
 
 
-@register("acdc", levels=("edge",), default_metric="kl", selection="threshold", default_threshold=DEFAULT_TAU)
+@register("acdc", levels=("edge",), default_metric="kl", selection="threshold", default_threshold=DEFAULT_TAU,
+          warm_start=True)
 def acdc(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> DiscoveryResult:
     """ACDC (Conmy et al. 2023): greedy sequential edge removal with threshold tau, from the output back."""
+    from circuits.algorithms.engine import patcher_options
     from patching.exact import EdgePatcher
-    from patching.scores import Scores
 
-    if not getattr(graph, "supports_edges", True):
-        raise ValueError("acdc: this model's graph does not support edge patching; use a node method")
+    graph.require_edges("acdc")
     metric = config.metric or "kl"
     t0 = time.perf_counter()
     patcher = EdgePatcher(model, graph, batch, ablation=config.ablation, metric=metric,
-                          per_position=config.per_position, chunk_size=config.chunk_size)
-    fingerprint = _fingerprint(graph, batch, config, metric)
-    kept, effect, stats, seconds = run_acdc(patcher, graph, config, fingerprint=fingerprint, t0=t0)
+                          per_position=config.per_position, chunk_size=config.chunk_size,
+                          **patcher_options(EdgePatcher, config))
+    removed0, warm_stats, warm_passes = initial_removed(model, graph, batch, config)
+    fingerprint = _fingerprint(graph, batch, config, metric, removed0)
+    kept, effect, stats, seconds = run_acdc(patcher, graph, config, fingerprint=fingerprint, t0=t0,
+                                            removed=removed0)
+    stats.update(warm_stats)
+    stats["forward_passes"] += warm_passes
+    if removed0 is not None:
+        stats["warm_start_kept"] = int((kept & ~removed0).sum())
+    return make_result(graph, config, metric, kept, effect, stats, seconds)
+
+
+def initial_removed(model: Any, graph: Any, batch: Any, config: DiscoveryConfig
+                    ) -> tuple[torch.Tensor | None, dict[str, float], int]:
+    """The warm start's up-front removals (every edge outside EAP-IG's top N), stats and EAP-IG's passes;
+    ``(None, {}, 0)`` without a warm start."""
+    from circuits.algorithms.engine import top_edges, warm_start_scores
+
+    n = config.warm_start_size(len(graph.edges))
+    if n is None:
+        return None, {}, 0
+    scores = warm_start_scores(model, graph, batch, config)
+    candidates = top_edges(scores.values, n)
+    log.info("acdc: warm start keeps %d of %d edges as candidates (EAP-IG on %s)", n, len(graph.edges),
+             scores.metric)
+    return ~candidates, {"warm_start_candidates": n, "warm_start_seconds": float(scores.seconds)}, \
+        int(scores.forward_passes)
+
+
+def make_result(graph: Any, config: DiscoveryConfig, metric: str, kept: torch.Tensor, effect: torch.Tensor,
+                stats: dict[str, float], seconds: float) -> DiscoveryResult:
+    """The DiscoveryResult of one ACDC run, ranked by membership (module docstring)."""
+    from patching.scores import Scores
+
     fp, ab = int(stats["forward_passes"]), int(stats["ablations"])
     scores = Scores(graph=graph, level="edge", values=effect.float(), ids=tuple(e.id for e in graph.edges),
                     method="acdc", ablation=config.ablation, metric=metric, forward_passes=fp, seconds=seconds)
+    mag = effect.abs().nan_to_num(nan=0.0)
+    unit = mag / (float(mag.max()) + 1.0)  # in [0, 1)
+    tried = ~torch.isnan(effect) & (effect != 0)
+    ranking = torch.where(kept, 2.0 + unit, torch.where(tried, 1.0 + unit, unit))
     return DiscoveryResult(scores=scores, kept=kept, level="edge", method="acdc", forward_passes=fp,
-                           ablations=ab, seconds=seconds, stats=stats)
+                           ablations=ab, seconds=seconds, stats=stats, ranking=ranking, ranking_kind="in-circuit")
 
 
 def run_acdc(patcher: Any, graph: Any, config: DiscoveryConfig, *, fingerprint: str = "",
-             t0: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], float]:
+             t0: float | None = None, removed: torch.Tensor | None = None,
+             guesses: dict[int, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float], float]:
     """ACDC's loop over any patcher with ``run(masks [K, E]) -> [K, B]``, ``clean_metric``,
     ``ablated_metric``, ``forward_passes`` and ``ablations`` (the engine's EdgePatcher, or a test double).
 
+    ``removed``: edges removed up front (a warm start), never tried. ``guesses``: initial speculation
+    guesses (edge -> "remove"), e.g. from a run at a neighbouring tau; they change the cost, never the result.
     Returns ``(kept [E] bool, effect [E] float64, stats, seconds)``.
     """
     t0 = time.perf_counter() if t0 is None else t0
     tau = DEFAULT_TAU if config.threshold is None else float(config.threshold)
-    use_abs = (config.metric or "kl") != "kl"
+    use_abs = (config.metric or "kl") not in DIVERGENCE_METRICS
     receivers = acdc_receivers(graph)
     n_edges = len(graph.edges)
     outgoing: dict[str, list[int]] = {}
@@ -120,6 +177,7 @@ def run_acdc(patcher: Any, graph: Any, config: DiscoveryConfig, *, fingerprint: 
     out_edges = {k: torch.tensor(v, dtype=torch.long) for k, v in outgoing.items()}
     kinds = {n.id: n.kind for n in graph.nodes}
     fingerprint = f"{fingerprint}|tau={tau!r}"
+    pre = torch.zeros(n_edges, dtype=torch.bool) if removed is None else removed.detach().cpu().clone()
 
     def live(rec: Receiver, removed: torch.Tensor) -> bool:
         if kinds[rec.node] == "logits":
@@ -129,10 +187,13 @@ def run_acdc(patcher: Any, graph: Any, config: DiscoveryConfig, *, fingerprint: 
 
     state = _load(config, fingerprint, n_edges) if config.resume else None
     if state is None:
-        state = _State(removed=torch.zeros(n_edges, dtype=torch.bool),
-                       effect=torch.zeros(n_edges, dtype=torch.float64),
-                       tested=torch.zeros(n_edges, dtype=torch.bool), next_receiver=0, next_edge=0,
-                       current=float(patcher.clean_metric.double().mean()), forward_passes=0, ablations=0,
+        current = float(patcher.clean_metric.double().mean())
+        if bool(pre.any()):
+            current = float(patcher.run(pre[None].to(patcher_device(patcher))).double().mean())
+        effect = torch.zeros(n_edges, dtype=torch.float64)
+        effect[pre] = math.nan
+        state = _State(removed=pre.clone(), effect=effect, tested=torch.zeros(n_edges, dtype=torch.bool),
+                       next_receiver=0, next_edge=0, current=current, forward_passes=0, ablations=0,
                        seconds=0.0, rounds=0, wrong_guesses=0, skipped_receivers=0, hits=[0, 0], tries=[0, 0])
     else:
         log.info("acdc: resuming at receiver %d/%d from %s", state.next_receiver, len(receivers), config.checkpoint)
@@ -141,20 +202,23 @@ def run_acdc(patcher: Any, graph: Any, config: DiscoveryConfig, *, fingerprint: 
     overhead = config.call_overhead
     if overhead is None:
         overhead = CPU_CALL_OVERHEAD if device.type == "cpu" else GPU_CALL_OVERHEAD
-    guess: dict[int, bool] = {}  # edge -> guessed "remove", from the edge's last measurement
-    done = sum(len(r.edges) for r in receivers[: state.next_receiver]) + state.next_edge
+    guess: dict[int, bool] = dict(guesses or {})  # edge -> guessed "remove", from the edge's last measurement
+    candidates = ~pre
+    done = sum(int(candidates[list(r.edges)].sum()) for r in receivers[: state.next_receiver])
+    if state.next_receiver < len(receivers):
+        done += int(candidates[list(receivers[state.next_receiver].edges[: state.next_edge])].sum())
     last_save, consistent = time.perf_counter(), True
-    with tqdm(total=n_edges, initial=done, desc="ACDC", unit="edge", disable=not config.progress,
+    with tqdm(total=int(candidates.sum()), initial=done, desc="ACDC", unit="edge", disable=not config.progress,
               dynamic_ncols=True) as bar:
         try:
             while state.next_receiver < len(receivers):
-                steps, masks = _plan(state, receivers, guess, config.window, overhead, live)
+                steps, masks = _plan(state, receivers, guess, config.window, overhead, live, pre)
                 values: list[float] = []
                 if masks:
                     values = patcher.run(torch.stack(masks).to(device)).double().mean(-1).cpu().tolist()
                     state.rounds += 1
                 consistent = False
-                bar.update(_walk(state, receivers, steps, values, guess, tau, use_abs))
+                bar.update(_walk(state, receivers, steps, values, guess, tau, use_abs, pre))
                 state.forward_passes = fp0 + int(patcher.forward_passes)  # this process adds to a resumed run
                 state.ablations = ab0 + int(patcher.ablations)
                 state.seconds = sec0 + time.perf_counter() - t0
@@ -195,12 +259,13 @@ def _window(state: _State, informed: list[bool], overhead: float) -> int:
 
 
 def _plan(state: _State, receivers: list[Receiver], guess: dict[int, bool], window: int, overhead: float,
-          live: Callable[[Receiver, torch.Tensor], bool]) -> tuple[list[tuple], list[torch.Tensor]]:
+          live: Callable[[Receiver, torch.Tensor], bool], pre: torch.Tensor) -> tuple[list[tuple], list[torch.Tensor]]:
     """Simulate sequential ACDC from the current position under the guesses, up to ``window`` trials,
     and keep the most profitable prefix (:func:`_window`).
 
-    Returns the steps (``("skip", r)``: receiver r found disconnected; ``("try", r, p, edge, guess,
-    informed)``: try the p-th incoming edge of receiver r) and one trial mask per ``try``.
+    Returns the steps (``("skip", r)``: receiver r found disconnected; ``("pre", r, p)``: the p-th incoming
+    edge of receiver r was removed up front; ``("try", r, p, edge, guess, informed)``: try that edge) and one
+    trial mask per ``try``.
     """
     chain = state.removed.clone()
     steps: list[tuple] = []
@@ -215,6 +280,10 @@ def _plan(state: _State, receivers: list[Receiver], guess: dict[int, bool], wind
             r += 1
             continue
         e = rec.edges[p]
+        if pre[e]:
+            steps.append(("pre", r, p))
+            r, p = (r + 1, 0) if p + 1 == len(rec.edges) else (r, p + 1)
+            continue
         g = guess.get(e, True)
         trial = chain.clone()
         trial[e] = True
@@ -231,8 +300,8 @@ def _plan(state: _State, receivers: list[Receiver], guess: dict[int, bool], wind
 
 
 def _walk(state: _State, receivers: list[Receiver], steps: list[tuple], values: list[float],
-          guess: dict[int, bool], tau: float, use_abs: bool) -> int:
-    """Apply the planned steps while every earlier guess held; returns the number of edges decided."""
+          guess: dict[int, bool], tau: float, use_abs: bool, pre: torch.Tensor) -> int:
+    """Apply the planned steps while every earlier guess held; returns the number of candidate edges decided."""
     before = state.current  # metric of the simulated graph before the step
     exact = True
     decided = 0
@@ -241,10 +310,16 @@ def _walk(state: _State, receivers: list[Receiver], steps: list[tuple], values: 
         if step[0] == "skip":
             if exact:
                 rec = receivers[step[1]]
-                state.removed[list(rec.edges)] = True
+                idx = list(rec.edges)
+                decided += int((~state.removed[idx]).sum())
+                state.removed[idx] = True
                 state.skipped_receivers += 1
                 state.next_receiver, state.next_edge = step[1] + 1, 0
-                decided += len(rec.edges)
+            continue
+        if step[0] == "pre":
+            if exact:
+                r, p = step[1], step[2]
+                state.next_receiver, state.next_edge = (r + 1, 0) if p + 1 == len(receivers[r].edges) else (r, p + 1)
             continue
         _, r, p, e, g, informed = step
         value = values[t]
@@ -281,12 +356,15 @@ def patcher_device(patcher: Any) -> torch.device:
     return clean.device if isinstance(clean, torch.Tensor) else torch.device("cpu")
 
 
-def _fingerprint(graph: Any, batch: Any, config: DiscoveryConfig, metric: str) -> str:
+def _fingerprint(graph: Any, batch: Any, config: DiscoveryConfig, metric: str,
+                 removed: torch.Tensor | None = None) -> str:
     h = hashlib.sha256()
     h.update("\n".join(e.id for e in graph.edges).encode())
     for t in (batch.clean, batch.corrupt, batch.answer, batch.wrong, batch.pos):
         h.update(t.detach().cpu().numpy().tobytes())
     h.update(json.dumps([config.ablation, metric, config.per_position]).encode())
+    if removed is not None:
+        h.update(removed.cpu().numpy().tobytes())
     return h.hexdigest()
 
 

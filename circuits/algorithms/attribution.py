@@ -26,6 +26,7 @@ from typing import Any
 
 from circuits.algorithms.base import DiscoveryConfig, DiscoveryResult, register
 from circuits.algorithms.budget import smallest_faithful
+from circuits.algorithms.engine import attribution_options
 from circuits.algorithms.select import prune_to_connected, select_units, top_connected
 
 
@@ -55,18 +56,19 @@ def _check(graph: Any, method: str) -> None:
         raise ValueError(f"{method}: this model's graph does not support edge patching; use a node method")
 
 
-@register("eap", levels=("edge",), default_metric="task", selection="topk")
+@register("eap", levels=("edge",), default_metric="task", selection="topk", gradient=True)
 def eap(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> DiscoveryResult:
     """EAP (Syed et al. 2023): first-order edge attribution, then top-k and connectivity pruning."""
     from patching.attribution import eap as eap_scores
 
     _check(graph, "eap")
     t0 = time.perf_counter()
-    scores = eap_scores(model, graph, batch, ablation=config.ablation, metric=config.metric or "logit_diff")
+    scores = eap_scores(model, graph, batch, ablation=config.ablation, metric=config.metric or "logit_diff",
+                        per_position=config.per_position, **attribution_options(eap_scores, config))
     return _select(model, graph, batch, scores, config, "eap", t0)
 
 
-@register("eap-ig", levels=("edge",), default_metric="task", selection="topk")
+@register("eap-ig", levels=("edge",), default_metric="task", selection="topk", gradient=True)
 def eap_ig(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> DiscoveryResult:
     """EAP-IG (Hanna et al. 2024): edge attribution with integrated gradients, then top-k and pruning."""
     from patching.attribution import eap_ig as eap_ig_scores
@@ -74,5 +76,6 @@ def eap_ig(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> Disco
     _check(graph, "eap-ig")
     t0 = time.perf_counter()
     scores = eap_ig_scores(model, graph, batch, ablation=config.ablation, metric=config.metric or "logit_diff",
-                           steps=config.ig_steps)
+                           steps=config.ig_steps, per_position=config.per_position,
+                           **attribution_options(eap_ig_scores, config))
     return _select(model, graph, batch, scores, config, "eap-ig", t0)

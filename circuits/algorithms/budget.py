@@ -7,7 +7,9 @@ all of them with the exact engine in ONE batched call, and keep the smallest who
 
     f = (m(circuit) - m(empty)) / (m(full) - m(empty))
 
-on the method's metric reaches ``config.faithfulness_target`` (the largest-f candidate if none does).
+on the method's metric reaches ``config.faithfulness_target`` (the largest-f candidate if none does); f is
+:func:`patching.faithfulness.faithfulness` (the empty circuit ablates everything, the embeddings included;
+a metric that does not move between the full model and the empty circuit is a one-line error).
 This costs the engine's setup passes plus one call of at most ``len(FRACTIONS)`` masks.
 """
 
@@ -41,24 +43,24 @@ def smallest_faithful(model: Any, graph: Any, batch: Any, config: DiscoveryConfi
     to ablate (over edges for ``level="edge"``, else over the graph's nodes). Returns the kept mask,
     stats, and the engine's forward passes and ablations.
     """
+    from circuits.algorithms.engine import patcher_options
     from patching.exact import EdgePatcher, NodePatcher
+    from patching.faithfulness import mean_metric, patcher_faithfulness
 
     ks = budgets(n_units)
     kept = [build(k) for k in ks]
     masks = torch.stack([ablate(c) for c in kept])
     cls = EdgePatcher if level == "edge" else NodePatcher
     patcher = cls(model, graph, batch, ablation=config.ablation, metric=config.metric or "logit_diff",
-                  per_position=config.per_position, chunk_size=config.chunk_size)
-    full, empty = float(patcher.clean_metric.double().mean()), float(patcher.ablated_metric.double().mean())
-    values = patcher.run(masks.to(patcher.clean_metric.device)).double().mean(-1).cpu().tolist()
-    den = full - empty
-    faith = [(v - empty) / den if abs(den) > 1e-12 else float("nan") for v in values]
+                  per_position=config.per_position, chunk_size=config.chunk_size, **patcher_options(cls, config))
+    values = mean_metric(patcher.run(masks.to(patcher.clean_metric.device))).cpu()
+    faith = patcher_faithfulness(patcher, values).tolist()
     target = config.faithfulness_target
-    ok = [i for i, f in enumerate(faith) if math.isfinite(f) and f >= target]
+    ok = [i for i, f in enumerate(faith) if f >= target]
     if ok:
         best = ok[0]
     else:  # the most faithful candidate (the smallest among equals)
-        best = max(range(len(ks)), key=lambda i: (faith[i] if math.isfinite(faith[i]) else -math.inf, -i))
+        best = max(range(len(ks)), key=lambda i: (faith[i], -i))
     stats = {"budget": ks[best], "budget_faithfulness": faith[best], "faithfulness_target": target,
              "budget_reached": int(bool(ok))}
     return kept[best], stats, int(patcher.forward_passes), int(patcher.ablations)

@@ -9,13 +9,14 @@ remaining edge at every step and stops at a faithfulness target (backward elimin
 regression).
 
 Algorithm. Faithfulness of a circuit C (the edges kept; every other edge ablated) on the metric m, mean over
-the prompts::
+the prompts (:mod:`patching.faithfulness`)::
 
     f(C) = (m(C) - m(empty)) / (m(full) - m(empty))
 
-1. Start from C0: the full graph, or with ``topk`` / ``topk_fraction`` the EAP-IG top-k connected circuit
-   (Hanna et al. 2024; :func:`circuits.algorithms.select.top_connected`), grown along the EAP-IG ranking to
-   the smallest candidate size (k, then the budget grid above k, then all edges) whose f reaches the target.
+1. Start from C0: the full graph, or with a warm start (``--warm-start`` / ``--topk``, k edges) the EAP-IG
+   top-k connected circuit (Hanna et al. 2024; :func:`circuits.algorithms.select.top_connected`), grown along
+   the EAP-IG ranking to the smallest candidate size (k, then the budget grid above k, then all edges) whose f
+   reaches the target. The warm start's EAP-IG goes through the same gradient-metric check as EAP-IG itself.
 2. Repeat: for every edge e of C build the candidate ``C - e`` reduced to its input -> logits connected part
    (edges off every such path carry nothing under resample ablation); measure f of every distinct candidate
    with the engine (:class:`patching.exact.EdgePatcher`, all candidates of a step in batched calls); take the
@@ -30,7 +31,13 @@ only on the model, the prompts and the config.
 
 Scores (``m(ablated) - m(clean)`` convention, metric units): a removed edge gets ``m(C - e) - m(C)``
 measured at the step that removed it (0 for edges dropped only because they became disconnected, and for
-edges outside C0); a kept edge gets ``m(C - e) - m(C)`` measured against the final circuit.
+edges outside C0); a kept edge gets ``m(C - e) - m(C)`` measured against the final circuit. These are
+changes against different circuits, not per-edge effects, so the result also carries a ranking by removal
+order (``ranking_kind="removal-order"``): an edge removed at step t ranks t (later = more important; edges
+dropped as disconnected at step t rank with it), the final circuit's edges above every removed one (by
+``|score|`` against the final circuit, or with ``config.full_ranking`` by the steps of an elimination
+continued past the target down to the empty circuit, ``|C|^2 / 2`` more masks), and the edges outside C0
+below all of them (by EAP-IG ``|score|`` when warm-started).
 """
 
 from __future__ import annotations
@@ -95,10 +102,11 @@ class _Measure:
     """Mean metric and faithfulness of kept-edge masks through one EdgePatcher, in blocks of its chunk size."""
 
     def __init__(self, patcher: Any):
+        from patching.faithfulness import full_and_empty, patcher_faithfulness
+
         self.patcher = patcher
-        self.full = float(patcher.clean_metric.double().mean())
-        self.empty = float(patcher.ablated_metric.double().mean())
-        self.den = self.full - self.empty
+        self.full, self.empty = full_and_empty(patcher)
+        patcher_faithfulness(patcher, self.full)  # FaithfulnessUndefined (one line) before any search
         self.device = patcher.clean_metric.device
 
     def metric(self, kept: Bool[Tensor, "K E"]) -> Float[Tensor, " K"]:
@@ -108,22 +116,23 @@ class _Measure:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
     def faithfulness(self, values: Float[Tensor, " K"]) -> Float[Tensor, " K"]:
-        return (values - self.empty) / self.den
+        from patching.faithfulness import patcher_faithfulness
+
+        return patcher_faithfulness(self.patcher, values)
 
 
 def warm_start(model: Any, graph: Any, batch: Any, config: DiscoveryConfig, measure: _Measure,
-               conn: Connectivity) -> tuple[Bool[Tensor, " E"], dict[str, float], int]:
-    """C0 from the EAP-IG ranking: the smallest connected top-k (k = config's topk / fraction, then the budget
-    grid above k, then every edge) whose faithfulness reaches the target. Returns C0, stats, EAP-IG passes."""
+               conn: Connectivity) -> tuple[Bool[Tensor, " E"], Float[Tensor, " E"], dict[str, float], int]:
+    """C0 from the EAP-IG ranking: the smallest connected top-k (k = the config's warm-start size, then the
+    budget grid above k, then every edge) whose faithfulness reaches the target. Returns C0, the EAP-IG
+    scores, stats and EAP-IG's forward passes."""
     from circuits.algorithms.budget import budgets
+    from circuits.algorithms.engine import warm_start_scores
     from circuits.algorithms.select import top_connected
-    from patching.attribution import eap_ig
 
     n = len(graph.edges)
-    k = config.topk if config.topk is not None else max(1, int(math.floor(config.topk_fraction * n + 0.5)))
-    k = min(k, n)
-    scores = eap_ig(model, graph, batch, ablation=config.ablation, metric=config.metric or "logit_diff",
-                    steps=config.ig_steps, per_position=config.per_position)
+    k = config.warm_start_size(n)
+    scores = warm_start_scores(model, graph, batch, config)
     sizes = sorted({k, n, *(b for b in budgets(n) if b > k)})
     cands = torch.stack([top_connected(graph, scores.values, s) for s in sizes])
     cands = conn(cands)
@@ -131,38 +140,51 @@ def warm_start(model: Any, graph: Any, batch: Any, config: DiscoveryConfig, meas
     ok = torch.nonzero(faith >= config.faithfulness_target).flatten()
     pick = int(ok[0]) if len(ok) else int(torch.argmax(faith))
     stats = {"start_topk": k, "start_budget": sizes[pick], "start_candidates": len(sizes)}
-    return cands[pick], stats, int(scores.forward_passes)
+    return cands[pick], scores.values.detach().double().cpu(), stats, int(scores.forward_passes)
 
 
-@register("greedy", levels=("edge",), default_metric="task", selection="topk")
+@register("greedy", levels=("edge",), default_metric="task", selection="target", warm_start=True)
 def greedy(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> DiscoveryResult:
     """Greedy edge pruning: remove the least harmful edge while faithfulness stays >= the target."""
+    from circuits.algorithms.engine import patcher_options
     from patching.exact import EdgePatcher
     from patching.scores import Scores
 
-    if not getattr(graph, "supports_edges", True):
-        raise ValueError("greedy: this model's graph does not support edge patching; use a node method")
+    graph.require_edges("greedy")
     if config.threshold is not None:
         raise ValueError("greedy: --threshold does not apply; greedy stops at the faithfulness target (--target), "
-                         "and --topk sets the size of its EAP-IG warm start")
+                         "and --topk / --warm-start set the size of its EAP-IG warm start")
+    if config.topk is not None or config.topk_fraction is not None:  # a config not passed through resolve_config
+        from dataclasses import replace
+
+        config = replace(config, warm_start=config.topk, warm_start_fraction=config.topk_fraction, topk=None,
+                         topk_fraction=None)
     metric = config.metric or "logit_diff"
     t0 = time.perf_counter()
     patcher = EdgePatcher(model, graph, batch, ablation=config.ablation, metric=metric,
-                          per_position=config.per_position, chunk_size=config.chunk_size)
+                          per_position=config.per_position, chunk_size=config.chunk_size,
+                          **patcher_options(EdgePatcher, config))
     measure = _Measure(patcher)
-    if abs(measure.den) <= 1e-12 * max(1.0, abs(measure.full)):
-        raise ValueError(f"greedy: metric {metric!r} is the same on the full model and the empty circuit "
-                         f"({measure.full:.6g}); faithfulness is undefined")
     conn = Connectivity(graph)
     n = len(graph.edges)
     stats: dict[str, float] = {}
     extra_passes = 0
-    if config.topk is not None or config.topk_fraction is not None:
-        kept, stats, extra_passes = warm_start(model, graph, batch, config, measure, conn)
+    outside = torch.full((n,), -math.inf, dtype=torch.float64)  # ranking of the edges outside C0
+    if config.warm_start_size(n) is not None:
+        kept, ig, stats, extra_passes = warm_start(model, graph, batch, config, measure, conn)
+        mag = ig.abs().nan_to_num(nan=-1.0)
+        outside = -2.0 + mag / (2.0 * float(mag.max()) + 1.0)  # in (-2, -1.5): below every C0 edge, by |EAP-IG|
     else:
         kept = conn(torch.ones(1, n, dtype=torch.bool))[0]
-    kept, effect, run_stats = eliminate(measure, conn, kept, config.faithfulness_target, progress=config.progress)
+    start = kept.clone()
+    kept, effect, step, run_stats = eliminate(measure, conn, kept, config.faithfulness_target,
+                                              progress=config.progress, to_empty=config.full_ranking)
     stats.update(run_stats)
+    ranking = torch.where(start, step, outside)
+    if not config.full_ranking:  # the final circuit above every removed edge, by |effect| against it
+        top = float(step[start & ~kept].max()) + 1.0 if bool((start & ~kept).any()) else 0.0
+        mag = effect.abs()
+        ranking[kept] = top + 1.0 + mag[kept] / (float(mag[kept].max()) + 1.0) if bool(kept.any()) else 0.0
     fp = int(patcher.forward_passes) + extra_passes
     ab = int(patcher.ablations)
     stats.update(forward_passes=fp, ablations=ab, metric_clean=measure.full, metric_ablated=measure.empty)
@@ -172,21 +194,28 @@ def greedy(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> Disco
     log.info("greedy: kept %d/%d edges, faithfulness %.4f (target %.3g), %d forward passes, %d ablations, %.2fs",
              int(kept.sum()), n, stats["faithfulness_final"], config.faithfulness_target, fp, ab, seconds)
     return DiscoveryResult(scores=scores, kept=kept, level="edge", method="greedy", forward_passes=fp,
-                           ablations=ab, seconds=seconds, stats=stats)
+                           ablations=ab, seconds=seconds, stats=stats, ranking=ranking,
+                           ranking_kind="removal-order")
 
 
 def eliminate(measure: _Measure, conn: Connectivity, kept: Bool[Tensor, " E"], target: float, *,
-              progress: bool = False) -> tuple[Bool[Tensor, " E"], Float[Tensor, " E"], dict[str, float]]:
+              progress: bool = False, to_empty: bool = False
+              ) -> tuple[Bool[Tensor, " E"], Float[Tensor, " E"], Float[Tensor, " E"], dict[str, float]]:
     """Backward elimination from ``kept`` (module docstring, step 2) over any ``measure`` with
     ``metric(kept [K, E]) -> [K]`` and ``faithfulness(values) -> [K]``.
 
-    Returns the final kept mask, the per-edge effects (metric units) and stats.
+    Returns the kept mask at the target, the per-edge effects (metric units), the removal step of every
+    edge of the start circuit (``[E]`` float64; ``inf`` for edges still kept; with ``to_empty`` the
+    elimination continues past the target until nothing is left, so every start edge gets a finite step)
+    and stats.
     """
     kept = kept.clone().cpu()
     effect = torch.zeros(len(kept), dtype=torch.float64)
+    step_of = torch.full((len(kept),), math.inf, dtype=torch.float64)
     current = float(measure.metric(kept[None])[0])
     start_edges, start_faith = int(kept.sum()), float(measure.faithfulness(torch.tensor([current]))[0])
     steps = dropped = 0
+    final: tuple[torch.Tensor, float] | None = None  # the circuit at the target and its metric
     with tqdm(total=start_edges, desc="greedy", unit="edge", disable=not progress, dynamic_ncols=True) as bar:
         while True:
             edges = torch.nonzero(kept).flatten()
@@ -203,19 +232,28 @@ def eliminate(measure: _Measure, conn: Connectivity, kept: Bool[Tensor, " E"], t
             ties = torch.nonzero(faith == best_f).flatten()
             ties = ties[sizes[ties] == sizes[ties].min()]
             best = int(ties[0])                                          # lowest removed-edge index among ties
-            if float(best_f) < target:
+            if final is None and float(best_f) < target:
                 effect[edges] = values - current                         # kept edges: against the final circuit
-                break
-            e = int(edges[best])
-            effect[e] = float(values[best]) - current
-            removed = int(kept.sum()) - int(sizes[best])
-            dropped += removed - 1
+                final = (kept.clone(), current)
+                if not to_empty:
+                    break
+            gone = kept & ~cands[best]
+            step_of[gone] = float(steps)
+            if final is None:
+                e = int(edges[best])
+                effect[e] = float(values[best]) - current
+                dropped += int(gone.sum()) - 1
+                bar.update(int(gone.sum()))
+                bar.set_postfix(kept=int(cands[best].sum()), faithfulness=f"{float(best_f):.4f}", refresh=False)
             kept, current = cands[best], float(values[best])
             steps += 1
-            bar.update(removed)
-            bar.set_postfix(kept=int(kept.sum()), faithfulness=f"{float(best_f):.4f}", refresh=False)
-    final = float(measure.faithfulness(torch.tensor([current]))[0])
+    if final is None:  # every edge could go without falling below the target
+        final = (kept.clone(), current)
+    kept, current = final
+    n_final = int(kept.sum())
+    f_final = float(measure.faithfulness(torch.tensor([current]))[0])
     stats = {"faithfulness_target": target, "start_edges": start_edges, "start_faithfulness": start_faith,
-             "faithfulness_final": final, "metric_final": current, "steps": steps,
-             "dropped_unconnected": dropped, "target_reached": int(final >= target)}
-    return kept, effect, stats
+             "faithfulness_final": f_final, "metric_final": current, "steps": start_edges - n_final - dropped,
+             "dropped_unconnected": dropped, "target_reached": int(f_final >= target),
+             "ranked_to_empty": int(to_empty)}
+    return kept, effect, step_of, stats

@@ -24,6 +24,7 @@ import torch
 
 from circuits.algorithms.base import DiscoveryConfig, DiscoveryResult, register
 from circuits.algorithms.budget import smallest_faithful
+from circuits.algorithms.engine import attribution_options, patcher_options
 from circuits.algorithms.select import select_units
 
 ABLATABLE_KINDS = ("attn_head", "mlp", "neuron", "block", "feature")
@@ -71,18 +72,20 @@ def node_patch(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> D
     level = config.level or "node"
     t0 = time.perf_counter()
     scores = node_patching_scores(model, graph, batch, ablation=config.ablation,
-                                  metric=config.metric or "logit_diff", level=level)
+                                  metric=config.metric or "logit_diff", level=level, per_position=config.per_position,
+                                  chunk_size=config.chunk_size, **patcher_options(node_patching_scores, config))
     ablations = int(eligible_units(graph, scores.ids).sum())
     return _select(model, graph, batch, scores, config, "node-patch", level, t0, ablations)
 
 
 @register("node-atp", levels=("node", "neuron"), default_metric="task", selection="topk",
-          needs_edges=False)
+          needs_edges=False, gradient=True)
 def node_atp(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> DiscoveryResult:
     """AtP (Nanda 2023; Kramar et al. 2024): first-order node attribution, keep the largest effects."""
     from patching.attribution import atp
 
     level = config.level or "node"
     t0 = time.perf_counter()
-    scores = atp(model, graph, batch, ablation=config.ablation, metric=config.metric or "logit_diff", level=level)
+    scores = atp(model, graph, batch, ablation=config.ablation, metric=config.metric or "logit_diff", level=level,
+                 per_position=config.per_position, **attribution_options(atp, config))
     return _select(model, graph, batch, scores, config, "node-atp", level, t0, 0)

@@ -33,6 +33,7 @@ Tokens are rendered with ``\\n`` and ``\\t`` escaped, so a token never breaks th
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -58,12 +59,12 @@ def render_token(token: str) -> str:
 
 
 def discretise(records: Sequence[ActivationRecord], max_level: int = EXPLAINER_MAX_LEVEL) -> list[list[int]]:
-    """Integer levels ``round(max_level * max(a, 0) / m)``, m the largest activation over all records (all 0
+    """Integer levels ``floor(max_level * max(a, 0) / m + 1/2)`` (halves round up), m the largest activation over all records (all 0
     when m <= 0): Bills et al.'s normalisation for the explainer prompt."""
     m = max(r.max_activation for r in records)
     if m <= 0:
         return [[0] * len(r.tokens) for r in records]
-    return [[int(round(max_level * max(a, 0.0) / m)) for a in r.activations] for r in records]
+    return [[int(math.floor(max_level * max(a, 0.0) / m + 0.5)) for a in r.activations] for r in records]
 
 
 # ----------------------------------------------------------------------------------------------- explainers

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from patching.replay import Replay
+from patching.parts import Part
 from patching.wiring import SenderGroup
 
 
@@ -39,11 +39,11 @@ def _tile(t: Tensor, K: int) -> Tensor:
 class SuffixRunner:
     """Runs node masks that all start at one layer (see the module docstring) for a NodePatcher."""
 
-    def __init__(self, patcher: Any, replay: Replay):
-        self.p, self.rp = patcher, replay
-        w = patcher.wiring
+    def __init__(self, patcher: Any, part: Part):
+        self.p, self.part, self.rp = patcher, part, part.replay
+        w, replay = patcher.wiring, part.replay
         self.n_layers = replay.n_layers
-        self.pos = patcher.batch.pos
+        self.pos = part.batch.pos
         self.by_layer: dict[int, dict[str, SenderGroup]] = {}
         for g in w.senders:
             if g.layer is not None:
@@ -66,7 +66,7 @@ class SuffixRunner:
             return False
         g = self.by_layer[L]["heads"]
         attn_out = self.rp.mid(L) - self.rp.pre(L)
-        diff = attn_out - g.out(self.p.clean_units[g.key]).sum(-2)
+        diff = attn_out - g.out(self.part.clean_units[g.key]).sum(-2)
         dev = float((diff - diff.mean(dim=(0, 1), keepdim=True)).abs().max())
         return dev <= 1e-4 * (float(attn_out.abs().max()) or 1.0) + 1e-6
 
@@ -83,8 +83,8 @@ class SuffixRunner:
         """``[H + 1, B*P*d]``: each head's ``(z'_h - z_h) W_O[h]``, then the clean ``mid`` (one layer cached)."""
         if self._basis[0] != L:
             g = self.by_layer[L]["heads"]
-            clean = self.p.clean_units[g.key]                                         # [B, P, H, f]
-            dz = (self.p.abl_units[g.key] - clean).expand_as(clean)
+            clean = self.part.clean_units[g.key]                                         # [B, P, H, f]
+            dz = (self.part.abl_units[g.key] - clean).expand_as(clean)
             per_head = torch.einsum("bphf,hfd->hbpd", dz, g.W_O).flatten(1)           # [H, B*P*d]
             self._basis = (L, torch.cat([per_head, self.rp.mid(L).reshape(1, -1)]))
         return self._basis[1]
@@ -98,11 +98,11 @@ class SuffixRunner:
 
     def _unit_delta(self, g: SenderGroup, m: Tensor) -> Tensor:
         """``mask * (ablated - clean)`` of a one-unit group (MLP, block) as ``[N, P, d]``."""
-        diff = (self.p.abl_units[g.key] - self.p.clean_units[g.key]).squeeze(-2)   # [B, P, d]
-        diff = diff.expand(self.p.B, *diff.shape[1:])
+        diff = (self.part.abl_units[g.key] - self.part.clean_units[g.key]).squeeze(-2)   # [B, P, d]
+        diff = diff.expand(self.part.B, *diff.shape[1:])
         K = m.shape[0]
         out = m.to(diff.dtype).view(K, 1, 1, 1) * diff.unsqueeze(0)
-        return out.reshape(K * self.p.B, *diff.shape[1:])
+        return out.reshape(K * self.part.B, *diff.shape[1:])
 
     # ---- the run -------------------------------------------------------------------------------
     def run(self, s: int, masks: Tensor) -> Float[Tensor, "N V"]:
@@ -144,10 +144,10 @@ class SuffixRunner:
         xp = self.rp.gather(mid, self.pos)
         out = self.rp.mlp_out(L, xp, K)
         if mlp is not None:
-            abl = self.p.abl_units[self.by_layer[L]["mlp"].key].squeeze(-2)      # [B|1, P|1, d]
-            abl = abl.expand(self.p.B, *abl.shape[1:])
+            abl = self.part.abl_units[self.by_layer[L]["mlp"].key].squeeze(-2)      # [B|1, P|1, d]
+            abl = abl.expand(self.part.B, *abl.shape[1:])
             abl = abl if abl.shape[1] == 1 else self.rp.gather(abl, self.pos)
-            rows = mlp[:, 0].repeat_interleave(self.p.B).view(-1, 1, 1)
+            rows = mlp[:, 0].repeat_interleave(self.part.B).view(-1, 1, 1)
             out = torch.where(rows, _tile(abl, K), out)
         return self.rp.logits(xp + out)[:, 0]
 
@@ -169,23 +169,26 @@ class SuffixRunner:
 
 
 class EdgeSuffixRunner:
-    """Edge masks from the first receiver they touch on (for :class:`~patching.exact.EdgePatcher`).
+    """Edge masks from the first receiver they touch on (for :class:`~patching.exact.EdgePatcher`), one prompt batch.
 
     A receiver's *stage* is ``2L`` for the q/k/v inputs of layer ``L``'s heads, ``2L + 1`` for layer ``L``'s
     MLP and ``2 n_layers`` for the logits. A chunk of masks whose first stage is ``s`` starts from the clean
     residual stream entering that stage (block ``L``'s input, its ``mid`` or the last block's output), on
-    ``K * B`` rows; senders upstream of ``s`` are not re-run, so their ``ablated - current`` differences
-    are the clean ones, filled in from the clean capture. Later senders and every receiver work through
-    the usual hooks. The unembedding runs at every position (the logits receiver edits them all).
+    ``K * B`` rows; senders upstream of ``s`` are not re-run (their difference is the clean one, which the
+    patcher supplies once per chunk). Later senders and every receiver work through the usual hooks. The last
+    block's MLP (when its stages replay) and the unembedding run at the prediction positions only; the MLP and
+    logits receivers then read the sender differences there.
     """
 
-    def __init__(self, patcher: Any, replay: Replay):
-        self.p, self.rp = patcher, replay
-        w, n = patcher.wiring, replay.n_layers
+    def __init__(self, patcher: Any, part: Part):
+        self.p, self.part, self.rp = patcher, part, part.replay
+        w, replay = patcher.wiring, part.replay
+        n = replay.n_layers
+        self.pos = part.batch.pos
         self.none = 2 * n + 1
         stage = torch.full((patcher.graph.n_edges,), -1, dtype=torch.long, device=w.device)
         for r in w.receivers:
-            stage[r.edge_idx.flatten()] = 2 * n if r.layer is None else 2 * r.layer + (r.input is None)
+            stage[r.edge_idx.flatten().to(w.device)] = 2 * n if r.layer is None else 2 * r.layer + (r.input is None)
         self.edge_stage = stage
         self.stage_ok = [replay.usable_from(s // 2) and (s % 2 == 0 or replay.staged[s // 2])
                          for s in range(2 * n)] + [replay.logits_ok]
@@ -198,26 +201,28 @@ class EdgeSuffixRunner:
                           dtype=torch.bool, device=first.device)
         return torch.where(ok, first, torch.full_like(first, -1))
 
-    def _rerun(self, g: SenderGroup, s: int) -> bool:
-        if g.layer is None:
-            return False
-        return 2 * g.layer + (g.kind != "heads") >= s
+    def _logits_from(self, x: Tensor, L0: int, K: int) -> Tensor:
+        """Logits at the prediction positions from the residual stream ``x`` entering block ``L0``."""
+        rp, last = self.rp, self.rp.n_layers - 1
+        if L0 > last:
+            return rp.logits(rp.gather(x, self.pos))[:, 0]
+        x = rp.blocks(x, L0, K, last)
+        if rp.staged[last]:
+            mid = rp.attn_stage(last, x, K)
+            return rp.logits(rp.mlp_stage(last, rp.gather(mid, self.pos), K))[:, 0]
+        return rp.logits(rp.gather(rp.blocks(x, last, K), self.pos))[:, 0]
 
     def run(self, s: int, masks: Tensor) -> Float[Tensor, "N V"]:
         """Logits at the prediction positions, ``[K * B, V]``, for masks whose first stage is ``s``."""
-        st, rp, n = self.p._st, self.rp, self.rp.n_layers
-        K = masks.shape[0]
-        for g in self.p.wiring.senders:
-            if g.s0 is not None and st.sender_on[g.i] and not self._rerun(g, s):
-                clean = g.out(self.p.clean_units[g.key]).permute(2, 0, 1, 3)         # [n, B, P, d]
-                st.D[:, g.s0:g.s1] = (self.p._abl_out[g.key] - clean).unsqueeze(0)
+        rp, n, K = self.rp, self.rp.n_layers, masks.shape[0]
         if s == 2 * n:
-            x = _tile(rp.post(n - 1), K)
-        elif s % 2:
-            x = rp.blocks(rp.mlp_stage(s // 2, _tile(rp.mid(s // 2), K), K), s // 2 + 1, K)
-        else:
-            x = rp.blocks(_tile(rp.pre(s // 2), K), s // 2, K)
-        return rp.gather(rp.logits(x), self.p.batch.pos)[:, 0]
+            return self._logits_from(_tile(rp.post(n - 1), K), n, K)
+        L = s // 2
+        if s % 2 == 0:
+            return self._logits_from(_tile(rp.pre(L), K), L, K)
+        if L == n - 1:  # the last MLP: at the prediction positions only
+            return rp.logits(rp.mlp_stage(L, rp.gather(_tile(rp.mid(L), K), self.pos), K))[:, 0]
+        return self._logits_from(rp.mlp_stage(L, _tile(rp.mid(L), K), K), L + 1, K)
 
 
 __all__ = ["SuffixRunner", "EdgeSuffixRunner"]

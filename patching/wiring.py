@@ -51,6 +51,7 @@ class SenderGroup:
     s1: int | None = None
     W_O: Tensor | None = None   # heads: [H, d_head, d_model]
     in_hook: str | None = None  # blocks: where the block input is read
+    device: torch.device | None = None  # where its hook runs (multi-GPU: its layer's device)
 
     @property
     def n(self) -> int:
@@ -74,10 +75,13 @@ class SenderGroup:
             return block_in + u.squeeze(-2)
         return u.squeeze(-2)
 
-    def out(self, u: Tensor) -> Tensor:
-        """Residual-stream output of each unit, ``[..., n, d_model]``."""
+    def out(self, u: Tensor, units: Tensor | None = None) -> Tensor:
+        """Residual-stream output of each unit (of the ``units`` indices only, when given), ``[..., n, d_model]``."""
+        if units is not None:
+            u = u.index_select(-2, units.to(u.device))
         if self.kind == "heads":
-            return torch.einsum("...hf,hfm->...hm", u, self.W_O)
+            W = self.W_O if units is None else self.W_O.index_select(0, units.to(self.W_O.device))
+            return torch.einsum("...hf,hfm->...hm", u, W.to(u.device))
         return u
 
 
@@ -95,6 +99,7 @@ class ReceiverGroup:
     ln: Any = None               # projected: ln1's module (None when the model has no norm)
     ln_hook: str | None = None
     fused: Any = None            # projected: patching.norms.fused_norm_projection(ln, W, b) or None
+    device: torch.device | None = None  # where its hook runs (multi-GPU: its layer's device)
 
     @property
     def R(self) -> int:
@@ -166,10 +171,21 @@ class Wiring:
                                         device=self.device)
 
     # ---- construction ---------------------------------------------------------------------
+    def layer_device(self, layer: int | None, *, logits: bool = False) -> torch.device:
+        """The device of a layer's parameters (``None``: the embedding; ``logits``: the unembedding). With one
+        device this is the model's device; with ``n_devices`` / ``device_map`` each layer's own, which is where
+        its hooks run, so every buffer a hook reads is placed there."""
+        mod = (getattr(self.model, "unembed", None) if logits else
+               getattr(self.model, "embed", None) if layer is None else self.model.blocks[layer])
+        for p in (mod.parameters() if mod is not None else ()):
+            return p.device
+        return self.device
+
     def _idx(self, ids: list[str]) -> Tensor:
         return torch.tensor([self.graph.node_index[i] for i in ids], dtype=torch.long, device=self.device)
 
     def _add_sender(self, **kw: Any) -> None:
+        kw.setdefault("device", self.layer_device(kw.get("layer")))
         self.senders.append(SenderGroup(i=len(self.senders), **kw))
 
     def _build_senders(self) -> None:
@@ -188,10 +204,11 @@ class Wiring:
                 heads = [g.node(i).head for i in ids]
                 if heads != list(range(len(heads))):
                     raise ValueError(f"graph lists heads of layer {layer} out of order: {heads}")
-                W_O = self.model.blocks[layer].attn.W_O.detach().to(self.dtype)
+                dev = self.layer_device(layer)
+                W_O = self.model.blocks[layer].attn.W_O.detach().to(device=dev, dtype=self.dtype)
                 self._add_sender(key=f"attn{layer}", kind="heads", layer=layer,
                                  hook=f"blocks.{layer}.attn.hook_z", node_idx=self._idx(ids), s0=s0, s1=s1,
-                                 W_O=W_O)
+                                 W_O=W_O, device=dev)
             elif kind == "mlp":
                 self._add_sender(key=f"mlp{layer}", kind="mlp", layer=layer, hook=f"blocks.{layer}.hook_mlp_out",
                                  node_idx=self._idx(ids), s0=s0, s1=s1)
@@ -230,7 +247,9 @@ class Wiring:
                 heads = [g.node(g.edges[x[0]].receiver).head for x in lists]
                 if heads != list(range(int(meta["n_heads"]))):
                     raise ValueError(f"receiver group {key}: edges into heads {heads} are not one per head in order")
-            kw: dict[str, Any] = dict(i=len(self.receivers), key=key, layer=L, input=inp, edge_idx=edge_idx)
+            dev = self.layer_device(L, logits=node.kind == "logits")
+            kw: dict[str, Any] = dict(i=len(self.receivers), key=key, layer=L, input=inp, edge_idx=edge_idx.to(dev),
+                                      device=dev)
             if node.kind == "logits":
                 self.receivers.append(ReceiverGroup(hook=meta["logits_hook"], mode="resid", **kw))
             elif node.kind == "mlp":
@@ -240,6 +259,7 @@ class Wiring:
             else:
                 attn = self.model.blocks[L].attn
                 W, b = projection(attn, inp, self.dtype, int(meta["n_heads"]))
+                W, b = W.to(dev), None if b is None else b.to(dev)
                 ln = None if meta.get("normalization") is None else self.model.blocks[L].ln1.original_component
                 fused = None if ln is None else fused_norm_projection(ln, W, b)
                 self.receivers.append(ReceiverGroup(hook=f"blocks.{L}.attn.hook_{inp}", mode="projected", W=W,

@@ -197,8 +197,10 @@ def hand_mean_ablated_logits(model, graph, batch, per_position=False):
 def test_mean_ablation_matches_hand_computed_means(gpt2, per_position):
     g = ComponentGraph.from_model(gpt2)
     want = hand_mean_ablated_logits(gpt2, g, BATCH, per_position)
-    e = EdgePatcher(gpt2, g, BATCH, ablation="mean", per_position=per_position)
-    n = NodePatcher(gpt2, g, BATCH, ablation="mean", per_position=per_position)
+    # the mean over every real token, BOS included (the old default; BOS is left out by default now: see
+    # tests/test_engine_ablation.py)
+    e = EdgePatcher(gpt2, g, BATCH, ablation="mean", per_position=per_position, mean_include_bos=True)
+    n = NodePatcher(gpt2, g, BATCH, ablation="mean", per_position=per_position, mean_include_bos=True)
     assert torch.allclose(e.run_logits(torch.ones(1, g.n_edges, dtype=torch.bool))[0], want, atol=2e-5)
     assert torch.allclose(n.run_logits(n.ablatable.unsqueeze(0))[0], want, atol=2e-5)
 

@@ -1,0 +1,235 @@
+"""Exact edge patching, many masks per forward pass (auto-circuit's trick), with sender differences held sparsely.
+
+Edge semantics (Miller, Chughtai & Saunders 2024, "Transformer Circuit Faithfulness Metrics Are Not Robust"):
+in a patched forward every receiver input becomes its *current* input plus, for every ablated edge into it,
+``ablated_s - current_s`` (the sender's ablated output minus its output in this same forward). Ablating
+every edge reproduces the fully ablated run; ablating none the clean run.
+
+``K`` masks run as one forward on ``K * b`` rows (mask-major). For a chunk whose first receiver stage is
+``s`` (:class:`patching.suffix.EdgeSuffixRunner`; ``-1``: whole forwards) the senders split in two:
+
+* *upstream* senders, which are not re-run in this chunk (and the embeddings, which nothing changes): their
+  current output is the clean one, so their difference ``Dc [U, b*P*d]`` is the same for every mask and is
+  computed once per chunk, for the ``U`` upstream senders some mask of the chunk uses;
+* *re-run* senders: their current output depends on the mask, so their sender hooks write
+  ``D [K, A, b*P*d]``, for the ``A`` re-run senders some mask uses (columns in sender order), and only those
+  units' outputs are computed.
+
+Each receiver group (one input of one layer's receivers) adds ``bmm(mask[:, edge(r, live)], D[:, :A_r]) +
+mask[:, edge(r, up)] @ Dc[:U_r]`` to its input; the senders a receiver reads are a prefix of the sender
+order, so ``A_r`` / ``U_r`` are prefixes of the column lists. Where the last MLP and the unembedding run at
+the prediction positions only, the hooks take the differences at those positions. Nothing loops over edges.
+
+Multi-GPU (``n_devices`` / ``device_map``; not exercised on the CPU-only test machines): each receiver hook
+reads buffers on its own layer's device: the masks, ``D`` and ``Dc`` exist once per device that hosts an
+active receiver, each holding the column prefix its receivers read; a sender hook copies its difference to
+every such buffer (the minimal traffic: the numbers must reach the reading layer). With one device there is
+one buffer of each.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from patching.batch import TaskBatch
+from patching.graph import ComponentGraph
+from patching.metrics import Metric
+from patching.patcher import DEFAULT_MAX_BYTES, Patcher
+from patching.suffix import EdgeSuffixRunner
+from patching.wiring import Hook, ReceiverGroup, SenderGroup
+
+
+@dataclass
+class _Chunk:
+    """The sender differences and masks of one chunk, per device (module docstring)."""
+
+    Mf: dict[torch.device, Tensor] = field(default_factory=dict)        # [K, E] masks in the model dtype
+    live: dict[torch.device, Tensor] = field(default_factory=dict)      # re-run used senders (sender order)
+    up: dict[torch.device, Tensor] = field(default_factory=dict)        # upstream used senders
+    D: dict[torch.device, Tensor] = field(default_factory=dict)         # [K, A_dev, b*P*d]
+    Dc: dict[torch.device, Tensor] = field(default_factory=dict)        # [U_dev, b*P*d]
+    cut_live: list[int] = field(default_factory=list)                   # per receiver group: A_r
+    cut_up: list[int] = field(default_factory=list)                     # per receiver group: U_r
+    recv_on: list[bool] = field(default_factory=list)
+    sel: list[Any] = field(default_factory=list)  # per sender group: (units, c0, c1, ablated outputs) or None
+
+
+def _at_pos(t: Tensor, b: int, P: int, pos: Tensor) -> Tensor:
+    """``[..., b*P*d]`` -> ``[..., b*d]`` at each prompt's prediction position."""
+    lead = t.shape[:-1]
+    v = t.reshape(*lead, b, P, -1)
+    idx = pos.to(t.device).view(*([1] * len(lead)), b, 1, 1).expand(*lead, b, 1, v.shape[-1])
+    return v.gather(-2, idx).reshape(*lead, -1)
+
+
+class EdgePatcher(Patcher):
+    """Caches clean and ablated sender outputs for each prompt batch; then runs any number of edge masks.
+
+    ``run(ablate [K, E])`` returns the metric per prompt ``[K, B]``; ``clean_metric`` / ``ablated_metric``
+    are the runs with no / every edge ablated. ``prompt_batch``, ``max_bytes`` and ``chunk_size``: see
+    :mod:`patching.patcher`; ``mean_include_bos``: :mod:`patching.ablation`. See the module docstring.
+    """
+
+    _level = "edge"
+    _what = "edges"
+
+    def __init__(self, model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
+                 metric: str | Metric = "logit_diff", reference: TaskBatch | None = None,
+                 per_position: bool = False, chunk_size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+                 qkv_path: str | None = None, suffix: bool = True, prompt_batch: int | None = None,
+                 mean_include_bos: bool = False):
+        graph.require_edges("EdgePatcher")
+        super().__init__(model, graph, batch, ablation=ablation, metric=metric, reference=reference,
+                         per_position=per_position, chunk_size=chunk_size, max_bytes=max_bytes, qkv_path=qkv_path,
+                         replay=suffix, prompt_batch=prompt_batch, mean_include_bos=mean_include_bos)
+        self._n_units = graph.n_edges
+        w = self.wiring
+        # each sender's stage (2L: heads of layer L, 2L + 1: its MLP; -2: embeddings, never re-run)
+        stage = torch.full((w.S,), -2, dtype=torch.long, device=w.device)
+        for g in w.senders:
+            if g.s0 is not None and g.layer is not None:
+                stage[g.s0:g.s1] = 2 * g.layer + (g.kind != "heads")
+        self._sender_stage = stage
+        for part in self.parts:
+            if part.replay is not None:
+                part.runner = EdgeSuffixRunner(self, part)
+        self.ablated_metric: Float[Tensor, " B"] = self.run(torch.ones(1, graph.n_edges, dtype=torch.bool))[0]
+        self.ablations = 0
+
+    # ---- planning -----------------------------------------------------------------------------------
+    def _rerun(self, stage: int) -> Tensor:
+        """``[S]``: the senders re-run by a chunk starting at ``stage`` (``-1``: whole forwards)."""
+        return self._sender_stage >= max(stage, 0)
+
+    def _sender_use(self, masks: Tensor) -> Tensor:
+        """``[K, S]``: which senders each mask ablates an edge of."""
+        k, e = masks.nonzero(as_tuple=True)
+        used = torch.zeros(masks.shape[0], self.wiring.S, dtype=torch.bool, device=masks.device)
+        used[k, self.wiring.edge_sender[e]] = True
+        return used
+
+    def _plan_masks(self, masks: Tensor, stage: int) -> tuple[Tensor, Tensor]:
+        used, rerun = self._sender_use(masks), self._rerun(stage)
+        return used & rerun, used & ~rerun
+
+    # ---- one chunk ----------------------------------------------------------------------------------
+    def _set_chunk(self, mask: Tensor, stage: int) -> None:
+        st, w, part = self._st, self.wiring, self._st.part
+        K, b, P, d = mask.shape[0], part.B, part.P, w.d_model
+        c = _Chunk()
+        used = self._sender_use(mask).any(0)
+        rerun = self._rerun(stage)
+        live = (used & rerun).nonzero()[:, 0].tolist()
+        up = (used & ~rerun).nonzero()[:, 0].tolist()
+        active = mask.any(0)
+        c.recv_on = [bool(active[r.edge_idx.to(active.device)].any()) for r in w.receivers]
+        c.cut_live = [bisect_left(live, r.prefix) for r in w.receivers]
+        c.cut_up = [bisect_left(up, r.prefix) for r in w.receivers]
+        need_live: dict[torch.device, int] = {}
+        need_up: dict[torch.device, int] = {}
+        for r in w.receivers:
+            if c.recv_on[r.i]:
+                need_live[r.device] = max(need_live.get(r.device, 0), c.cut_live[r.i])
+                need_up[r.device] = max(need_up.get(r.device, 0), c.cut_up[r.i])
+        for dev in need_live:
+            c.Mf[dev] = mask.to(device=dev, dtype=w.dtype)
+            c.live[dev] = torch.tensor(live[:need_live[dev]], dtype=torch.long, device=dev)
+            c.up[dev] = torch.tensor(up[:need_up[dev]], dtype=torch.long, device=dev)
+            c.D[dev] = torch.zeros(K, need_live[dev], b * P * d, dtype=w.dtype, device=dev)
+            c.Dc[dev] = torch.empty(need_up[dev], b * P * d, dtype=w.dtype, device=dev)
+        c.sel = [None] * len(w.senders)
+        for g in w.senders:
+            if g.s0 is None:
+                continue
+            c0, c1 = bisect_left(live, g.s0), bisect_left(live, g.s1)
+            if c1 > c0:  # re-run and used: its hook writes D[:, c0:c1]
+                units = torch.tensor(live[c0:c1], dtype=torch.long, device=g.device) - g.s0
+                abl = g.out(part.abl_units[g.key], units).permute(2, 0, 1, 3)         # [a, b|1, P|1, d]
+                c.sel[g.i] = (units, c0, c1, abl)
+            u0, u1 = bisect_left(up, g.s0), bisect_left(up, g.s1)
+            if u1 > u0 and any(u0 < n for n in need_up.values()):  # upstream and used: clean difference now
+                units = torch.tensor(up[u0:u1], dtype=torch.long, device=g.device) - g.s0
+                diff = g.out(part.abl_units[g.key], units) - g.out(part.clean_units[g.key], units)
+                diff = diff.expand(b, P, *diff.shape[2:]).permute(2, 0, 1, 3).reshape(u1 - u0, -1)
+                for dev, n in need_up.items():
+                    if u0 < n:
+                        c.Dc[dev][u0:min(u1, n)] = diff[:min(u1, n) - u0].to(dev)
+        st.edge = c
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def _build_hooks(self) -> list[Hook]:
+        w, st = self.wiring, self._st
+        hooks: list[Hook] = w.ln_hooks(st.scratch)
+
+        def sender_hook(g: SenderGroup):
+            def fn(x: Tensor, hook: Any) -> None:
+                c = st.edge
+                sel = None if c is None else c.sel[g.i]
+                if sel is None:
+                    return None
+                units, c0, c1, abl = sel
+                cur = g.out(g.units(x), units)                                      # [N | 1, Q, a, d]
+                Q, a = cur.shape[1], c1 - c0
+                if cur.shape[0] != st.N:
+                    cur = cur.expand(st.N, *cur.shape[1:])
+                cur = cur.reshape(st.K, st.B, Q, a, -1).permute(0, 3, 1, 2, 4)    # [K, a, b, Q, d]
+                if Q != st.P:  # run at the prediction positions only (last MLP): differences there
+                    pos = st.pos.to(abl.device)
+                    ab = abl.expand(a, st.B, st.P, abl.shape[-1])[:, torch.arange(st.B, device=abl.device), pos]
+                    diff = ab.unsqueeze(2).unsqueeze(0) - cur                      # [K, a, b, 1, d]
+                    for dev, buf in c.D.items():
+                        n = buf.shape[1]
+                        if c0 < n:
+                            view = buf.view(st.K, n, st.B, st.P, -1)
+                            hi = min(c1, n)
+                            view[:, c0:hi, torch.arange(st.B, device=dev), st.pos.to(dev)] = \
+                                diff[:, :hi - c0, :, 0].to(dev)
+                    return None
+                diff = (abl.unsqueeze(0) - cur).reshape(st.K, a, -1)
+                for dev, buf in c.D.items():
+                    n = buf.shape[1]
+                    if c0 < n:
+                        hi = min(c1, n)
+                        buf[:, c0:hi] = diff[:, :hi - c0].to(dev)
+                return None
+            return fn
+
+        def receiver_hook(r: ReceiverGroup):
+            def fn(x: Tensor, hook: Any) -> Tensor | None:
+                c = st.edge
+                if c is None or not c.recv_on[r.i]:
+                    return None
+                dev, K = r.device, st.K
+                a, u = c.cut_live[r.i], c.cut_up[r.i]
+                at_pos = x.shape[1] != st.P
+                Mf = c.Mf[dev]
+                add = None
+                if a:
+                    D = c.D[dev][:, :a]
+                    if at_pos:
+                        D = _at_pos(D, st.B, st.P, st.pos)
+                    add = torch.bmm(Mf[:, r.edge_idx[:, c.live[dev][:a]]], D)                  # [K, R, b*Q*d]
+                if u:
+                    Dc = c.Dc[dev][:u]
+                    if at_pos:
+                        Dc = _at_pos(Dc, st.B, st.P, st.pos)
+                    Mu = Mf[:, r.edge_idx[:, c.up[dev][:u]]]                                   # [K, R, U_r]
+                    cu = (Mu.reshape(K * r.R, u) @ Dc).view(K, r.R, -1)
+                    add = cu if add is None else add + cu
+                if add is None:
+                    return None
+                return r.apply(x, add.view(K, r.R, -1, w.d_model), st.scratch.get(r.ln_hook) if r.ln_hook else None)
+            return fn
+
+        hooks += [(g.hook, sender_hook(g)) for g in w.senders if g.s0 is not None]
+        hooks += [(r.hook, receiver_hook(r)) for r in w.receivers]
+        return hooks
+
+
+__all__ = ["EdgePatcher"]

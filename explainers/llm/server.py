@@ -80,7 +80,10 @@ def vllm_python(venv: str | os.PathLike | None = None) -> Path:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` (with SO_REUSEADDR, as uvicorn binds: connections of a
+    killed server lingering in TIME_WAIT do not block it, a live listener does)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

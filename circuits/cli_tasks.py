@@ -13,6 +13,9 @@ Tasks are clean/corrupted prompt pairs with a single-token answer and a wrong to
 given as a JSON Lines file, one object per line:
   {"clean": "...", "corrupt": "...", "answer": " Mary", "wrong": " John"}      (optional "metric")
 Clean and corrupt must tokenize to the same length; answer and wrong must be single tokens.
+With --model, generators write their prompts for that model's tokenizer (words that are one token in it,
+pairs of equal token length; greater_than on digit-by-digit tokenizers asks for the tens digit), and task
+files are validated against it.
 """
 
 
@@ -35,7 +38,7 @@ def _model_view(task: Any, model_name: str, shown: int) -> list[dict[str, Any]]:
     from circuits.tasks import validate
     from patching.metrics import gather_pos, get_metric
 
-    model = load_model(model_name)
+    model = load_model(model_name, device=None)
     tok = model.tokenizer
     validate(task, tok)
     batch = task.batch(tok, model.cfg.device)[:shown]
@@ -55,9 +58,13 @@ def _model_view(task: Any, model_name: str, shown: int) -> list[dict[str, Any]]:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from circuits.models import load_tokenizer
     from circuits.tasks import get_task
 
-    task = get_task(args.name, n=args.n, seed=args.seed, metric=args.metric)
+    if args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    tokenizer = load_tokenizer(args.model) if args.model else None
+    task = get_task(args.name, n=args.n, seed=args.seed, metric=args.metric, tokenizer=tokenizer)
     shown = min(args.n, len(task))
     views = _model_view(task, args.model, shown) if args.model else [{}] * shown
     rows = [{"where": task.where(i), **task.pairs[i].to_dict(), **views[i]} for i in range(shown)]
@@ -103,7 +110,8 @@ def register(subparsers: Any) -> None:
                                    "clean/corrupt lengths, single-token answers, known words), show the tokens, "
                                    "the model's top prediction and the metric on the clean and corrupted prompt.")
     q.add_argument("name", metavar="TASK", help=f"generator ({', '.join(TASKS)}) or a .jsonl file")
-    q.add_argument("--model", metavar="M", help="zoo name, local HF directory or hub name")
+    q.add_argument("--model", metavar="M", help="zoo name, pretrained name (smollm2-135m), local HF directory or "
+                                                "hub name: prompts are generated for its tokenizer")
     q.add_argument("-n", type=int, default=5, metavar="N", help="number of pairs to generate and show (default 5)")
     q.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     q.add_argument("--metric", choices=sorted(METRICS), help="override the task's metric")

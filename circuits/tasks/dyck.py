@@ -6,14 +6,21 @@ open and a closing bracket last, written without spaces, e.g. ``([]{()`` -> ``}`
 corruption changes one token: the innermost unmatched opening bracket becomes another type
 (``([][()`` -> ``]``), which flips the correct closer while keeping every other token and the depth. Answer = the clean closer, wrong = the corrupted
 prompt's closer; the default metric is the logit difference.
+
+Byte-level BPE tokenizers merge bracket runs (SmolLM2 has tokens ``()``, ``((``, ``]}`` ...), so a
+tokenizer in which any two brackets merge gets the brackets separated by spaces, each `` (`` one token
+(``" ( [ ] { ( )"`` -> `` }``); :func:`bracket_style` decides once per tokenizer and refuses in one line
+when neither form gives one token per bracket.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from circuits.tasks.base import PromptPair, Task
+from circuits.tasks.lexicon import draw_pairs, is_one_token, token_ids, tokenizer_label
 from circuits.tasks.vocab import BRACKETS
 
 OPEN = tuple(o for o, _ in BRACKETS)
@@ -32,10 +39,27 @@ class DyckExample:
     def answer(self) -> str:
         return CLOSER[self.tokens[self.top]]
 
-    def pair(self) -> PromptPair:
+    def pair(self, spaced: bool = False) -> PromptPair:
+        """Brackets glued (``([]{()``) or, with ``spaced``, each after a space (``" ( [ ] { ( )"``)."""
         corrupt = self.tokens[:self.top] + (self.replacement,) + self.tokens[self.top + 1:]
-        return PromptPair(clean="".join(self.tokens), corrupt="".join(corrupt),
-                          answer=self.answer, wrong=CLOSER[self.replacement])
+        sep = " " if spaced else ""
+        return PromptPair(clean="".join(sep + t for t in self.tokens), corrupt="".join(sep + t for t in corrupt),
+                          answer=sep + self.answer, wrong=sep + CLOSER[self.replacement])
+
+
+def bracket_style(tokenizer: Any | None) -> bool:
+    """``False`` (glued brackets) when each bracket is one token and no two merge, ``True`` (spaced) when
+    each `` (`` is one token; a one-line ``ValueError`` otherwise. ``None`` (the zoo) is glued."""
+    if tokenizer is None:
+        return False
+    chars = [b for pair in BRACKETS for b in pair]
+    if all(is_one_token(tokenizer, b) for b in chars) and all(len(token_ids(tokenizer, a + b)) == 2
+                                                              for a in chars for b in chars):
+        return False
+    if all(is_one_token(tokenizer, " " + b) for b in chars):
+        return True
+    raise ValueError(f"dyck: tokenizer {tokenizer_label(tokenizer)} has no one-token form of every bracket "
+                     f"(glued or after a space): {[b for b in chars if not is_one_token(tokenizer, ' ' + b)]}")
 
 
 def closers(tokens: tuple[str, ...] | list[str]) -> list[str | None]:
@@ -78,8 +102,9 @@ def sample_dyck(rng: random.Random, min_len: int = 4, max_len: int = 20, max_dep
             return DyckExample(tokens=tuple(tokens), top=top, replacement=replacement)
 
 
-def dyck(n: int = 64, seed: int = 0) -> Task:
+def dyck(n: int = 64, seed: int = 0, tokenizer: Any | None = None) -> Task:
     """Bracket prefixes over ()[]{}; corrupt = innermost open bracket changed; answer = its closer."""
+    spaced = bracket_style(tokenizer)
     rng = random.Random(seed)
-    pairs = tuple(sample_dyck(rng).pair() for _ in range(n))
+    pairs = draw_pairs("dyck", n, lambda: sample_dyck(rng).pair(spaced), tokenizer)
     return Task(name="dyck", pairs=pairs, metric="logit_diff", source=f"generator:dyck seed={seed} n={n}")

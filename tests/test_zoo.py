@@ -155,7 +155,10 @@ def test_retraining_reproduces_the_shipped_weights(name, tmp_path):
 def test_cli_zoo_list_and_help(capsys):
     assert main(["zoo", "list", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"] for r in rows} == set(RECIPES)
+    from circuits.pretrained import PRETRAINED
+
+    assert {r["name"] for r in rows if r["kind"] == "zoo"} == set(RECIPES)
+    assert {r["name"] for r in rows if r["kind"] == "pretrained"} == set(PRETRAINED)
     assert main(["zoo"]) == 2
     assert "SUBCOMMAND" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:

@@ -21,12 +21,14 @@ Figures, per task ``ioi``, ``greater_than``, ``induction``, ``dyck``:
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import time
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from circuits.tasks import get_task
 from circuits.tasks.base import encode
@@ -39,19 +41,26 @@ TASK_NAMES = ("ioi", "greater_than", "induction", "dyck")
 
 
 @torch.no_grad()
-def _logits_at(model: Any, tokens: torch.Tensor, pos: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _logits_at(model: Any, tokens: torch.Tensor, pos: torch.Tensor, batch_size: int,
+               bar: Any = None) -> torch.Tensor:
     """Float32 logits at ``pos`` for each row, computed ``batch_size`` rows at a time (bounded memory)."""
-    out = [gather_pos(model(tokens[i:i + batch_size]), pos[i:i + batch_size]).float()
-           for i in range(0, len(tokens), batch_size)]
+    out = []
+    for i in range(0, len(tokens), batch_size):
+        out.append(gather_pos(model(tokens[i:i + batch_size]), pos[i:i + batch_size]).float())
+        if bar is not None:
+            bar.update(1)
     return torch.cat(out)
 
 
-def measure_task(model: Any, tokenizer: Any, name: str, n: int, seed: int, batch_size: int) -> dict[str, float]:
+def measure_task(model: Any, tokenizer: Any, name: str, n: int, seed: int, batch_size: int,
+                 bar: Any = None) -> dict[str, float]:
     """Accuracy, preference and logit differences of task ``name`` (prompts for ``tokenizer``)."""
     task = get_task(name, n=n, seed=seed, tokenizer=tokenizer)
     b = task.batch(tokenizer, model.cfg.device)
-    clean = _logits_at(model, b.clean, b.pos, batch_size)
-    corrupt = _logits_at(model, b.corrupt, b.pos, batch_size)
+    if bar is not None:
+        bar.set_description(name)
+    clean = _logits_at(model, b.clean, b.pos, batch_size, bar)
+    corrupt = _logits_at(model, b.corrupt, b.pos, batch_size, bar)
 
     def ld(lg: torch.Tensor) -> torch.Tensor:
         return (lg.gather(-1, b.answer[:, None]) - lg.gather(-1, b.wrong[:, None])).squeeze(-1)
@@ -82,7 +91,7 @@ def _prob_diff(task: Any, tokenizer: Any, logits: torch.Tensor) -> float:
 
 @torch.no_grad()
 def measure_induction_loss(model: Any, tokenizer: Any, n: int, seed: int, length: int = 20,
-                           batch_size: int = 16) -> dict[str, float]:
+                           batch_size: int = 16, bar: Any = None) -> dict[str, float]:
     """First- and second-copy next-token loss on ``BOS + R + R`` (R: ``length`` distinct one-token words)."""
     words = induction_words(tokenizer, length)
     rng = random.Random(seed)
@@ -96,31 +105,39 @@ def measure_induction_loss(model: Any, tokenizer: Any, n: int, seed: int, length
         t = tokens[i:i + batch_size]
         logp = model(t).float().log_softmax(-1)
         nll.append(-logp[:, :-1].gather(-1, t[:, 1:, None]).squeeze(-1))     # nll[:, i]: predicting token i+1
+        if bar is not None:
+            bar.update(1)
     loss = torch.cat(nll)
     return {"induction.first_copy_loss": float(loss[:, 1:length].mean()),
             "induction.second_copy_loss": float(loss[:, length + 1:2 * length].mean())}
 
 
-def measure_pretrained(model: Any, tokenizer: Any, n: int = 64, seed: int = EVAL_SEED,
-                       batch_size: int = 16) -> tuple[dict[str, float], dict[str, str]]:
+def measure_pretrained(model: Any, tokenizer: Any, n: int = 64, seed: int = EVAL_SEED, batch_size: int = 16,
+                       progress: bool = False) -> tuple[dict[str, float], dict[str, str]]:
     """Every figure of the module docstring, and ``{task: one-line reason}`` for the tasks the tokenizer
-    cannot express (the generator's refusal)."""
+    cannot express (the generator's refusal). ``progress``: a bar over the forward batches, with ETA."""
     figures: dict[str, float] = {}
     refused: dict[str, str] = {}
-    for name in TASK_NAMES:
+    n_loss = max(8, n // 4)
+    total = 2 * len(TASK_NAMES) * math.ceil(n / batch_size) + math.ceil(n_loss / batch_size)
+    with tqdm(total=total, unit="batch", disable=not progress) as bar:
+        for name in TASK_NAMES:
+            try:
+                figures.update(measure_task(model, tokenizer, name, n, seed, batch_size, bar))
+            except ValueError as e:
+                refused[name] = str(e)
+                bar.update(2 * math.ceil(n / batch_size))
+        bar.set_description("induction loss")
         try:
-            figures.update(measure_task(model, tokenizer, name, n, seed, batch_size))
+            figures.update(measure_induction_loss(model, tokenizer, n=n_loss, seed=seed, batch_size=batch_size,
+                                                  bar=bar))
         except ValueError as e:
-            refused[name] = str(e)
-    try:
-        figures.update(measure_induction_loss(model, tokenizer, n=max(8, n // 4), seed=seed, batch_size=batch_size))
-    except ValueError as e:
-        refused["induction_loss"] = str(e)
+            refused["induction_loss"] = str(e)
     return figures, refused
 
 
 def check_pretrained(name: str, device: str | None = None, n: int | None = None, seed: int = EVAL_SEED,
-                     batch_size: int = 16) -> dict[str, Any]:
+                     batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
     """Load pretrained model ``name`` (converting it on first use) and measure its figures.
 
     Returns ``{"name", "kind": "pretrained", "passed": True, "figures", "refused", "checks": [], "n", "seed",
@@ -135,7 +152,7 @@ def check_pretrained(name: str, device: str | None = None, n: int | None = None,
     model = load_model(name, device=device)
     tok = model.tokenizer
     n = n or 64
-    figures, refused = measure_pretrained(model, tok, n=n, seed=seed, batch_size=batch_size)
+    figures, refused = measure_pretrained(model, tok, n=n, seed=seed, batch_size=batch_size, progress=progress)
     try:
         mode: str | None = year_mode(tok)
     except ValueError:

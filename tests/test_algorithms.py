@@ -8,6 +8,8 @@ ACDC written out plainly below: same kept edges, same measured effects.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -36,6 +38,7 @@ class G:
     nodes: tuple
     edges: tuple
     supports_edges: bool = True
+    meta: dict = field(default_factory=dict)
     node_index: dict = field(init=False)
 
     def __post_init__(self):
@@ -175,11 +178,13 @@ class QuadraticPatcher:
         return self._f(masks).float()
 
 
-def sequential_acdc(patcher, graph, tau, use_abs=False):
-    """ACDC exactly as written in the paper: one forward per tried edge."""
-    removed = torch.zeros(len(graph.edges), dtype=torch.bool)
+def sequential_acdc(patcher, graph, tau, use_abs=False, removed0=None):
+    """ACDC exactly as written in the paper: one forward per tried edge (edges in ``removed0`` start removed and
+    are never tried)."""
+    removed = torch.zeros(len(graph.edges), dtype=torch.bool) if removed0 is None else removed0.clone()
     effect = torch.zeros(len(graph.edges), dtype=torch.float64)
-    cur = float(patcher.clean_metric.double().mean())
+    cur = float(patcher.run(removed[None])[0].double().mean()) if removed.any() else \
+        float(patcher.clean_metric.double().mean())
     calls = 0
     for rec in acdc_receivers(graph):
         alive = rec.node == "logits" or any(
@@ -188,6 +193,8 @@ def sequential_acdc(patcher, graph, tau, use_abs=False):
             removed[list(rec.edges)] = True
             continue
         for i in rec.edges:
+            if removed0 is not None and removed0[i]:
+                continue
             trial = removed.clone()
             trial[i] = True
             value = float(patcher.run(trial[None])[0].double().mean())
@@ -248,3 +255,150 @@ def test_acdc_resume_after_interrupt_gives_the_same_result(tmp_path):
     assert stats["forward_passes"] == saved["forward_passes"] + p.forward_passes
     with pytest.raises(ValueError, match="different"):
         run_acdc(QuadraticPatcher(len(g.edges), 1, 0.05), g, cfg, fingerprint="other")
+
+
+# ----------------------------------------------------------------------------------- ACDC warm start and tau sweep
+@pytest.mark.parametrize("seed", range(4))
+def test_acdc_with_edges_removed_up_front_equals_sequential_acdc_on_the_candidates(seed):
+    g = two_layer_graph(heads=2)
+    tau = 0.05
+    gen = torch.Generator().manual_seed(100 + seed)
+    removed0 = torch.rand(len(g.edges), generator=gen) < 0.5
+    ref_kept, ref_effect, ref_calls = sequential_acdc(QuadraticPatcher(len(g.edges), seed, tau), g, tau,
+                                                      removed0=removed0)
+    p = QuadraticPatcher(len(g.edges), seed, tau)
+    kept, effect, stats, _ = run_acdc(p, g, DiscoveryConfig(threshold=tau), removed=removed0)
+    assert torch.equal(kept, ref_kept) and not bool((kept & removed0).any())  # no removed edge comes back
+    tested = ~torch.isnan(effect) & (effect != 0)
+    assert torch.allclose(effect[tested], ref_effect[tested], atol=1e-5)
+    assert bool(torch.isnan(effect[removed0]).all())  # never tried: no measured change
+    assert stats["edges_tested"] == ref_calls < int((~removed0).sum()) + 1
+
+
+def test_acdc_warm_start_with_every_edge_a_candidate_is_plain_acdc():
+    g = two_layer_graph(heads=2)
+    plain = run_acdc(QuadraticPatcher(len(g.edges), 2, 0.05), g, DiscoveryConfig(threshold=0.05))
+    warm = run_acdc(QuadraticPatcher(len(g.edges), 2, 0.05), g, DiscoveryConfig(threshold=0.05),
+                    removed=torch.zeros(len(g.edges), dtype=torch.bool))
+    assert torch.equal(plain[0], warm[0]) and torch.equal(plain[1], warm[1])
+
+
+def test_tau_sweep_equals_a_fresh_acdc_run_per_tau_and_reuses_work():
+    from circuits.algorithms.acdc_sweep import run_sweep, sweep_ranking
+
+    g = two_layer_graph(heads=2)
+    taus = [0.005, 0.02, 0.05, 0.1, 0.3]
+    p = QuadraticPatcher(len(g.edges), 3, 0.05)
+    runs, per_tau = run_sweep(p, g, DiscoveryConfig(metric="kl"), taus)
+    independent = 0
+    for tau, (kept, _, _) in zip(taus, runs, strict=True):
+        ref_kept, _, calls = sequential_acdc(QuadraticPatcher(len(g.edges), 3, 0.05), g, tau)
+        assert torch.equal(kept, ref_kept), tau
+        independent += calls
+    sizes = [int(k.sum()) for k, _, _ in runs]
+    assert sizes[0] > sizes[-1] and len(set(sizes)) > 2  # the sweep spans circuit sizes
+    assert p.ablations < independent  # masks shared between taus are measured once
+    assert per_tau[-1]["cache_hits"] > 0
+    # ranking: the largest tau keeping the edge, then how many taus keep it; edges no tau keeps last
+    C = torch.stack([k for k, _, _ in runs])
+    rank = sweep_ranking(taus, C)
+    for e in range(len(g.edges)):
+        keeping = [i for i in range(len(taus)) if C[i, e]]
+        if keeping:
+            assert rank[e] == pytest.approx(max(keeping) + len(keeping) / (len(taus) + 1))
+        else:
+            assert rank[e] == -math.inf
+
+
+def test_default_taus_span_the_metric_range_and_contain_the_default():
+    from circuits.algorithms.acdc_sweep import default_taus
+
+    t = default_taus(2.0, 0.01, n=5)
+    assert t == sorted(t) and 0.01 in t and t[0] == pytest.approx(2e-4) and t[-1] == pytest.approx(2.0)
+    assert len(t) == 6
+
+
+# ----------------------------------------------------------------------------------- requests decided up front
+@pytest.mark.parametrize("method,config,msg", [
+    ("eap", DiscoveryConfig(metric="kl"), "'eap' reads the gradient of metric 'kl' only at the clean run"),
+    ("node-atp", DiscoveryConfig(metric="kl"), "metric 'kl' only at the clean run"),
+    ("eap-ig", DiscoveryConfig(metric="accuracy"), "'accuracy' is not differentiable"),
+    ("eap-ig", DiscoveryConfig(metric="kl", ig_steps=1), "steps=1"),
+    ("greedy", DiscoveryConfig(metric="kl", topk=10, ig_steps=1), "greedy (its EAP-IG warm start)"),
+    ("greedy", DiscoveryConfig(metric="accuracy", warm_start=10), "greedy (its EAP-IG warm start)"),
+    ("greedy", DiscoveryConfig(threshold=0.1), "greedy': --threshold does not apply"),
+    ("eap", DiscoveryConfig(warm_start=10), "takes no warm start"),
+    ("acdc", DiscoveryConfig(topk=10), "--topk does not apply"),
+    ("eap", DiscoveryConfig(metric="bleu"), "unknown metric 'bleu'"),
+])
+def test_inapplicable_requests_are_one_line_errors(method, config, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)) as e:
+        resolve_config(get_algorithm(method), config, "logit_diff")
+    assert "\n" not in str(e.value)
+
+
+def test_applicable_gradient_requests_pass():
+    c = resolve_config(get_algorithm("eap-ig"), DiscoveryConfig(metric="kl"), "logit_diff")  # IG integrates KL
+    assert c.metric == "kl"
+    c = resolve_config(get_algorithm("acdc"), DiscoveryConfig(warm_start=20), "prob_diff")
+    assert (c.metric, c.warm_start_metric, c.warm_start) == ("kl", "prob_diff", 20)  # KL has no gradient
+    c = resolve_config(get_algorithm("greedy"), DiscoveryConfig(topk_fraction=0.4), "logit_diff")
+    assert (c.warm_start_fraction, c.topk_fraction, c.warm_start_metric) == (0.4, None, "logit_diff")
+    assert c.warm_start_size(110) == 44
+
+
+def test_edge_methods_refused_from_architecture_facts():
+    from circuits.models import ModelFacts
+
+    mamba = ModelFacts(name="m", kind="zoo", architecture="MambaForCausalLM", model_type="mamba",
+                       family="recurrent", n_layers=2, d_model=64, n_heads=0, n_kv_heads=0, d_head=0, d_mlp=0,
+                       d_vocab=10, n_ctx=None, tied_embeddings=False)
+    with pytest.raises(ValueError, match="mamba: recurrent/state-space blocks have no per-component edges"):
+        resolve_config(get_algorithm("acdc"), DiscoveryConfig(), "logit_diff", facts=mamba)
+    assert resolve_config(get_algorithm("node-patch"), DiscoveryConfig(), "logit_diff", facts=mamba).level == "node"
+    gqa = ModelFacts(name="s", kind="pretrained", architecture="LlamaForCausalLM", model_type="llama",
+                     family="transformer", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_head=64,
+                     d_mlp=1536, d_vocab=49152, n_ctx=8192, tied_embeddings=True)
+    assert resolve_config(get_algorithm("eap"), DiscoveryConfig(), "logit_diff", facts=gqa).level == "edge"
+    # the graph's own reason is named (not a guess about recurrent blocks)
+    with pytest.raises(ValueError, match="parallel attention"):
+        resolve_config(get_algorithm("eap"), DiscoveryConfig(), "logit_diff",
+                       graph=G((), (), supports_edges=False, meta={"edge_reason": "parallel attention/MLP"}))
+
+
+# ----------------------------------------------------------------------------------- rankings
+def test_result_ranking_is_validated_and_round_trips():
+    from circuits.algorithms import DiscoveryResult
+    from patching.scores import Scores
+
+    class _Graph:
+        def to_dict(self):
+            return {}
+
+    scores = Scores(graph=_Graph(), level="edge", values=torch.tensor([0.5, -2.0, float("nan")]),
+                    ids=("a", "b", "c"), method="x", ablation="zero", metric="kl", forward_passes=1, seconds=0.0)
+    kept = torch.tensor([True, False, False])
+    plain = DiscoveryResult(scores, kept, "edge", "eap", 1, 0, 0.0)
+    assert plain.importance().tolist() == [0.5, 2.0, -math.inf]  # |score|, NaN last
+    ranked = DiscoveryResult(scores, kept, "edge", "greedy", 1, 0, 0.0, ranking=torch.tensor([2.0, 1.0, -math.inf]),
+                             ranking_kind="removal-order")
+    assert ranked.importance().tolist() == [2.0, 1.0, -math.inf]
+    back = DiscoveryResult.from_dict(json.loads(json.dumps(ranked.to_dict())), graph=_Graph())
+    assert back.ranking_kind == "removal-order" and back.importance().tolist() == [2.0, 1.0, -math.inf]
+    with pytest.raises(ValueError, match="ranking_kind"):
+        DiscoveryResult(scores, kept, "edge", "x", 1, 0, 0.0, ranking=torch.zeros(3), ranking_kind="vibes")
+    with pytest.raises(ValueError, match="together"):
+        DiscoveryResult(scores, kept, "edge", "x", 1, 0, 0.0, ranking=torch.zeros(3))
+
+
+def test_connected_prefixes_equal_top_connected_per_size():
+    from circuits.algorithms.select import connected_prefixes
+
+    g = two_layer_graph(heads=2)
+    for seed in range(3):
+        s = torch.randn(len(g.edges), generator=torch.Generator().manual_seed(seed))
+        counts = [0, 1, 3, 8, 20, len(g.edges)]
+        got = connected_prefixes(g, s.abs(), counts)
+        for i, k in enumerate(counts):
+            assert torch.equal(got[i], top_connected(g, s, k)), (seed, k)
+            assert int(got[i].sum()) <= k

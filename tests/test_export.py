@@ -199,8 +199,32 @@ def test_neuronpedia_validates_against_schema(G):
     assert links[("0_1_0", "2_2_0")] == 2.5
     pinned = set(data["qParams"]["pinnedIds"])
     assert pinned == {n["node_id"] for n in data["nodes"] if n["clerp"].split(" ")[0] in node_ids(G)}
-    assert data["metadata"]["scan"] == "attn-2l4h" and data["metadata"]["circuitexplain"] == G.graph
+    assert data["metadata"]["scan"] == "attn-2l4h"
+    assert data["metadata"]["circuitexplain"] == {**G.graph, "weight_sign": "-score"}
     assert data["metadata"]["slug"] == "attn-2l4h-say-hi-to-b-b-hand"
+
+
+def test_neuronpedia_sign_follows_the_metric(G):
+    """Neuronpedia's positive weight = the source supports the output. For a task metric a supporting unit's
+    score m(ablated) - m(clean) is negative; for a divergence (KL) ablating a supporting unit raises the
+    metric, so its score is positive already and must not be flipped."""
+    assert G.graph["metric"] not in ("kl", "l2")
+    task = neuronpedia.to_neuronpedia(G)
+    kl_graph = G.copy()
+    kl_graph.graph["metric"] = "kl"
+    kl = neuronpedia.to_neuronpedia(kl_graph)
+    w_task = {(lk["source"], lk["target"]): lk["weight"] for lk in task["links"]}
+    w_kl = {(lk["source"], lk["target"]): lk["weight"] for lk in kl["links"]}
+    for u, v, d in G.edges(data=True):
+        key = next((a, b) for a, b in w_task if a == node_id_of(task, u) and b == node_id_of(task, v))
+        assert w_task[key] == -d["score"] and w_kl[key] == d["score"], (u, v)
+    head = next(n for n in kl["nodes"] if n["clerp"].startswith("a1.h2"))
+    assert head["influence"] == G.nodes["a1.h2"]["score"]
+    assert kl["metadata"]["circuitexplain"]["weight_sign"] == "+score"
+
+
+def node_id_of(data, circuit_node):
+    return next(n["node_id"] for n in data["nodes"] if n["clerp"].split(" ")[0] == circuit_node)
 
 
 def test_neuronpedia_neurons_and_collisions(tmp_path):

@@ -113,6 +113,32 @@ def sweep_ranking(taus: list[float], circuits: Bool[Tensor, "T E"]) -> Float[Ten
     return torch.where(count > 0, largest + count / (T + 1), torch.full_like(largest, -math.inf))
 
 
+def run_sweep(patcher: Any, graph: Any, config: DiscoveryConfig, taus: list[float], *,
+              removed: torch.Tensor | None = None) -> tuple[list[tuple[torch.Tensor, torch.Tensor, dict]], list[dict]]:
+    """ACDC (:func:`circuits.algorithms.acdc.run_acdc`) at each tau of ``taus`` over any patcher, with each
+    mask measured once (:class:`CachedPatcher`) and each run's guesses taken from the previous run's
+    measurements. Returns per tau ``(kept, effect, stats)`` and ``{tau, kept, forward_passes, ablations,
+    seconds}`` (the engine work that tau added)."""
+    cached = CachedPatcher(patcher)
+    run_cfg = replace(config, checkpoint=None, resume=False)
+    use_abs = (config.metric or "kl") not in DIVERGENCE_METRICS
+    runs, per_tau = [], []
+    guesses: dict[int, bool] = {}
+    for tau in taus:
+        fp0, ab0, s0 = int(patcher.forward_passes), int(patcher.ablations), time.perf_counter()
+        kept, effect, stats, _ = run_acdc(cached, graph, replace(run_cfg, threshold=tau), removed=removed,
+                                          guesses=guesses)
+        measured = ~torch.isnan(effect) & (effect != 0)
+        guesses = {int(e): bool((abs(effect[e]) if use_abs else effect[e]) < tau)
+                   for e in torch.nonzero(measured).flatten().tolist()}
+        runs.append((kept, effect, stats))
+        per_tau.append({"tau": tau, "kept": int(kept.sum()), "forward_passes": int(patcher.forward_passes) - fp0,
+                        "ablations": int(patcher.ablations) - ab0, "seconds": time.perf_counter() - s0,
+                        "cache_hits": cached.hits})
+        log.info("acdc sweep: tau %.3g keeps %d edges (%d new masks)", tau, int(kept.sum()), per_tau[-1]["ablations"])
+    return runs, per_tau
+
+
 def acdc_sweep(model: Any, graph: Any, batch: Any, config: DiscoveryConfig, *, taus: list[float] | None = None,
                n_taus: int = N_TAUS) -> SweepResult:
     """Run ACDC at every tau of ``taus`` (default :func:`default_taus`) on one cached patcher (module docstring).
@@ -130,37 +156,21 @@ def acdc_sweep(model: Any, graph: Any, batch: Any, config: DiscoveryConfig, *, t
     patcher = EdgePatcher(model, graph, batch, ablation=config.ablation, metric=metric,
                           per_position=config.per_position, chunk_size=config.chunk_size,
                           **patcher_options(EdgePatcher, config))
-    cached = CachedPatcher(patcher)
     removed0, warm_stats, warm_passes = initial_removed(model, graph, batch, config)
     tau0 = DEFAULT_TAU if config.threshold is None else float(config.threshold)
     scale = float(patcher.clean_metric.double().mean() - patcher.ablated_metric.double().mean())
     taus = sorted({float(t) for t in taus} | {tau0}) if taus is not None else default_taus(scale, tau0, n_taus)
-    run_cfg = replace(config, checkpoint=None, resume=False)
-    circuits, per_tau, runs = [], [], {}
-    guesses: dict[int, bool] = {}
-    for tau in taus:
-        fp0, ab0, s0 = int(patcher.forward_passes), int(patcher.ablations), time.perf_counter()
-        kept, effect, stats, _ = run_acdc(cached, graph, replace(run_cfg, threshold=tau), removed=removed0,
-                                          guesses=guesses)
-        use_abs = metric not in DIVERGENCE_METRICS
-        measured = ~torch.isnan(effect) & (effect != 0)
-        guesses = {int(e): bool((abs(effect[e]) if use_abs else effect[e]) < tau) for e in
-                   torch.nonzero(measured).flatten().tolist()}
-        circuits.append(kept)
-        runs[tau] = (kept, effect, stats)
-        per_tau.append({"tau": tau, "kept": int(kept.sum()), "forward_passes": int(patcher.forward_passes) - fp0,
-                        "ablations": int(patcher.ablations) - ab0, "seconds": time.perf_counter() - s0})
-        log.info("acdc sweep: tau %.3g keeps %d edges (%d new masks)", tau, int(kept.sum()), per_tau[-1]["ablations"])
-    C = torch.stack(circuits)
-    kept, effect, stats = runs[tau0]
+    runs, per_tau = run_sweep(patcher, graph, replace(config, metric=metric), taus, removed=removed0)
+    C = torch.stack([kept for kept, _, _ in runs])
+    kept, effect, stats = runs[taus.index(tau0)]
     seconds = time.perf_counter() - t0
     fp = int(patcher.forward_passes) + warm_passes
     stats = {**stats, **warm_stats, "forward_passes": fp, "ablations": int(patcher.ablations),
-             "sweep_taus": len(taus), "sweep_cache_hits": cached.hits}
+             "sweep_taus": len(taus), "sweep_cache_hits": per_tau[-1]["cache_hits"]}
     single = make_result(graph, replace(config, threshold=tau0), metric, kept, effect, stats, seconds)
     result = replace(single, ranking=sweep_ranking(taus, C), ranking_kind="acdc-tau")
     return SweepResult(taus=tuple(taus), circuits=C, result=result, stats=tuple(per_tau), forward_passes=fp,
                        ablations=int(patcher.ablations), seconds=seconds)
 
 
-__all__ = ["acdc_sweep", "SweepResult", "CachedPatcher", "default_taus", "sweep_ranking", "N_TAUS"]
+__all__ = ["acdc_sweep", "run_sweep", "SweepResult", "CachedPatcher", "default_taus", "sweep_ranking", "N_TAUS"]

@@ -53,49 +53,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from circuits.algorithms.base import DiscoveryConfig, DiscoveryResult, register
-from circuits.algorithms.order import node_key
-from circuits.algorithms.select import INPUT_KINDS, OUTPUT_KINDS
+from circuits.algorithms.select import Connectivity
 
 log = logging.getLogger(__name__)
-
-
-class Connectivity:
-    """Batched :func:`circuits.algorithms.select.prune_to_connected`: ``self(masks [K, E]) -> [K, E]``.
-
-    One pass over the nodes in topological order (vectorised over the K masks and each node's edges):
-    ``from_in[k, n]`` = n is reachable from an input node through kept edges, ``to_out[k, n]`` = n reaches
-    the logits; an edge survives iff it is kept, its sender is reachable and its receiver reaches the logits.
-    """
-
-    def __init__(self, graph: Any):
-        idx = graph.node_index
-        self.n_nodes = len(graph.nodes)
-        self.snd = torch.tensor([idx[e.sender] for e in graph.edges], dtype=torch.long)
-        self.rcv = torch.tensor([idx[e.receiver] for e in graph.edges], dtype=torch.long)
-        self.order = sorted(range(self.n_nodes), key=lambda i: node_key(graph.nodes[i]))
-        self.inputs = {i for i, n in enumerate(graph.nodes) if n.kind in INPUT_KINDS}
-        self.outputs = {i for i, n in enumerate(graph.nodes) if n.kind in OUTPUT_KINDS}
-        self.incoming = [torch.nonzero(self.rcv == i).flatten() for i in range(self.n_nodes)]
-        self.outgoing = [torch.nonzero(self.snd == i).flatten() for i in range(self.n_nodes)]
-
-    def __call__(self, masks: Bool[Tensor, "K E"]) -> Bool[Tensor, "K E"]:
-        K = masks.shape[0]
-        masks = masks.cpu()
-        from_in = torch.zeros(K, self.n_nodes, dtype=torch.bool)
-        to_out = torch.zeros(K, self.n_nodes, dtype=torch.bool)
-        for n in self.order:
-            if n in self.inputs:
-                from_in[:, n] = True
-            elif len(self.incoming[n]):
-                e = self.incoming[n]
-                from_in[:, n] = (masks[:, e] & from_in[:, self.snd[e]]).any(1)
-        for n in reversed(self.order):
-            if n in self.outputs:
-                to_out[:, n] = True
-            elif len(self.outgoing[n]):
-                e = self.outgoing[n]
-                to_out[:, n] = (masks[:, e] & to_out[:, self.rcv[e]]).any(1)
-        return masks & from_in[:, self.snd] & to_out[:, self.rcv]
 
 
 class _Measure:

@@ -12,6 +12,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from circuits.algorithms.order import node_key
+
 INPUT_KINDS = ("embed", "pos_embed")
 OUTPUT_KINDS = ("logits",)
 
@@ -104,6 +106,79 @@ def top_connected(graph: Any, scores: Float[Tensor, " E"], k: int) -> Bool[Tenso
             lo = mid
         else:
             hi = mid
+    return connected(lo)
+
+
+class Connectivity:
+    """Batched :func:`circuits.algorithms.select.prune_to_connected`: ``self(masks [K, E]) -> [K, E]``.
+
+    One pass over the nodes in topological order (vectorised over the K masks and each node's edges):
+    ``from_in[k, n]`` = n is reachable from an input node through kept edges, ``to_out[k, n]`` = n reaches
+    the logits; an edge survives iff it is kept, its sender is reachable and its receiver reaches the logits.
+    """
+
+    def __init__(self, graph: Any):
+        idx = graph.node_index
+        self.n_nodes = len(graph.nodes)
+        self.snd = torch.tensor([idx[e.sender] for e in graph.edges], dtype=torch.long)
+        self.rcv = torch.tensor([idx[e.receiver] for e in graph.edges], dtype=torch.long)
+        self.order = sorted(range(self.n_nodes), key=lambda i: node_key(graph.nodes[i]))
+        self.inputs = {i for i, n in enumerate(graph.nodes) if n.kind in INPUT_KINDS}
+        self.outputs = {i for i, n in enumerate(graph.nodes) if n.kind in OUTPUT_KINDS}
+        self.incoming = [torch.nonzero(self.rcv == i).flatten() for i in range(self.n_nodes)]
+        self.outgoing = [torch.nonzero(self.snd == i).flatten() for i in range(self.n_nodes)]
+
+    def __call__(self, masks: Bool[Tensor, "K E"]) -> Bool[Tensor, "K E"]:
+        K = masks.shape[0]
+        masks = masks.cpu()
+        from_in = torch.zeros(K, self.n_nodes, dtype=torch.bool)
+        to_out = torch.zeros(K, self.n_nodes, dtype=torch.bool)
+        for n in self.order:
+            if n in self.inputs:
+                from_in[:, n] = True
+            elif len(self.incoming[n]):
+                e = self.incoming[n]
+                from_in[:, n] = (masks[:, e] & from_in[:, self.snd[e]]).any(1)
+        for n in reversed(self.order):
+            if n in self.outputs:
+                to_out[:, n] = True
+            elif len(self.outgoing[n]):
+                e = self.outgoing[n]
+                to_out[:, n] = (masks[:, e] & to_out[:, self.rcv[e]]).any(1)
+        return masks & from_in[:, self.snd] & to_out[:, self.rcv]
+
+
+def connected_prefixes(graph: Any, importance: Float[Tensor, " E"], counts: list[int],
+                       conn: Connectivity | None = None) -> Bool[Tensor, "K E"]:
+    """For each ``k`` in ``counts``, the connected circuit of at most ``k`` edges built from the most
+    important edges: ``prune_to_connected(top m)`` for the largest prefix length m of the ranking (larger
+    ``importance`` first; ties: lower index; ``-inf`` / NaN edges never enter) whose connected part has at most
+    ``k`` edges. For ``importance = |scores|`` this is :func:`top_connected`, the circuit ``discover --topk k``
+    keeps. All sizes are bisected together, one batched :class:`Connectivity` call per round.
+    """
+    n = len(graph.edges)
+    imp = importance.detach().double().cpu()
+    ok = ~torch.isnan(imp) & (imp > -math.inf)
+    key = torch.where(ok, imp, torch.full_like(imp, -math.inf))
+    order = torch.sort(-key, stable=True).indices
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    conn = conn or Connectivity(graph)
+    K = len(counts)
+    k = torch.tensor(list(counts), dtype=torch.long)
+    n_ok = int(ok.sum())
+
+    def connected(m: Tensor) -> Bool[Tensor, "K E"]:
+        return conn(rank.unsqueeze(0) < m.unsqueeze(1))
+
+    lo, hi = torch.zeros(K, dtype=torch.long), torch.full((K,), n_ok, dtype=torch.long)
+    done = connected(hi).sum(1) <= k  # the whole ranking fits: m = n_ok
+    lo[done] = n_ok
+    while bool(((hi - lo > 1) & ~done).any()):
+        mid = (lo + hi) // 2
+        fits = connected(mid).sum(1) <= k
+        lo = torch.where(~done & fits, mid, lo)
+        hi = torch.where(~done & ~fits, mid, hi)
     return connected(lo)
 
 

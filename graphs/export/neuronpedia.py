@@ -19,11 +19,15 @@ The layer numbers interleave attention (even) and MLP (odd) sub-layers as Neuron
 with attention (lorsa) units; a whole MLP (or block) is its sub-layer's "error node": the part of the
 output not split into features. ``clerp`` (the label) is our component id plus its score.
 
-Signs: Neuronpedia's ``weight``/``influence`` are positive when the source pushes the output up, while
-our ``score`` is ``m(ablated) - m(clean)`` (negative when the unit supports the task), so
-``weight = -score`` of the edge (largest-magnitude input for attention edges; 0.0 when unscored) and
-``influence = -score`` of the node (null when unscored). ``qParams.pinnedIds`` pins the in-circuit
-nodes; ``metadata.circuitexplain`` keeps our graph attributes verbatim.
+Signs: Neuronpedia's ``weight``/``influence`` are positive when the source supports the output, while
+our ``score`` is ``m(ablated) - m(clean)``. For a task metric (higher is better: ``logit_diff``,
+``prob_diff``, ``accuracy``) a supporting unit has a negative score, so ``weight = -score``; for a divergence
+from the clean run (``kl``, ``l2``: :data:`graphs.export.style.LOWER_IS_BETTER`) ablating a supporting unit
+*raises* the metric, its score is already positive, and ``weight = +score``. The sign follows the graph's
+``metric`` attribute (:func:`support_sign`) for the edge ``weight`` (largest-magnitude input for attention
+edges; 0.0 when unscored) and the node ``influence`` (null when unscored); ``metadata.circuitexplain.
+weight_sign`` records which was used. ``qParams.pinnedIds`` pins the in-circuit nodes;
+``metadata.circuitexplain`` keeps our graph attributes verbatim.
 """
 
 from __future__ import annotations
@@ -37,6 +41,12 @@ from typing import Any
 import networkx as nx
 
 from graphs.circuit import package_version, validate
+from graphs.export.style import LOWER_IS_BETTER
+
+
+def support_sign(metric: str | None) -> float:
+    """+1 when a positive score means the unit supports the task (divergence metrics such as ``kl``), else -1."""
+    return 1.0 if metric in LOWER_IS_BETTER else -1.0
 
 
 def _layer_of_logits(G: nx.DiGraph) -> int:
@@ -44,8 +54,9 @@ def _layer_of_logits(G: nx.DiGraph) -> int:
     return 2 * (max(layers, default=-1) + 1)
 
 
-def node_fields(n: str, d: dict[str, Any], logits_layer: int) -> dict[str, Any]:
-    """The Neuronpedia node for circuit node ``n`` (see the table in the module docstring)."""
+def node_fields(n: str, d: dict[str, Any], logits_layer: int, sign: float = -1.0) -> dict[str, Any]:
+    """The Neuronpedia node for circuit node ``n`` (see the table in the module docstring); ``influence`` is
+    ``sign * score`` (:func:`support_sign`)."""
     kind = d["kind"]
     if kind in ("embed", "pos_embed"):
         feature = 0 if kind == "embed" else 1
@@ -65,7 +76,7 @@ def node_fields(n: str, d: dict[str, Any], logits_layer: int) -> dict[str, Any]:
     score = d.get("score")
     clerp = n if score is None else f"{n} (score {score:+.4g})"
     return {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": 0, "feature_type": ftype,
-            "jsNodeId": js, "clerp": clerp, "influence": None if score is None else -score,
+            "jsNodeId": js, "clerp": clerp, "influence": None if score is None else sign * score + 0.0,
             "activation": None, **({"is_target_logit": True} if kind == "logits" else {})}
 
 
@@ -78,15 +89,16 @@ def to_neuronpedia(G: nx.DiGraph, *, prompt: str | None = None) -> dict[str, Any
     """The Neuronpedia graph JSON of ``G``. ``prompt`` defaults to ``G.graph["prompt"]`` or the task."""
     validate(G)
     logits_layer = _layer_of_logits(G)
+    sign = support_sign(G.graph.get("metric"))
     nodes, ids = [], {}
     for n, d in G.nodes(data=True):
-        fields = node_fields(n, d, logits_layer)
+        fields = node_fields(n, d, logits_layer, sign)
         if fields["node_id"] in ids.values():
             other = next(k for k, v in ids.items() if v == fields["node_id"])
             raise ValueError(f"node {n}: Neuronpedia id {fields['node_id']} is taken by node {other}")
         ids[n] = fields["node_id"]
         nodes.append(fields)
-    links = [{"source": ids[u], "target": ids[v], "weight": -float(d.get("score", 0.0)) + 0.0}
+    links = [{"source": ids[u], "target": ids[v], "weight": sign * float(d.get("score", 0.0)) + 0.0}
              for u, v, d in G.edges(data=True)]
     prompt = prompt or str(G.graph.get("prompt", f"task: {G.graph['task']}"))
     created = G.graph["created"]
@@ -102,7 +114,7 @@ def to_neuronpedia(G: nx.DiGraph, *, prompt: str | None = None) -> dict[str, Any
             "generator": {"name": "circuitexplain", "version": package_version()},
             "create_time_ms": create_ms,
         },
-        "circuitexplain": dict(G.graph),
+        "circuitexplain": {**G.graph, "weight_sign": "+score" if sign > 0 else "-score"},
     }
     for key in ("prune_threshold",):
         if key in G.graph:

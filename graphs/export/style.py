@@ -23,7 +23,7 @@ COLUMN_SPACING = 220.0
 ROW_SPACING = 60.0
 
 
-LOWER_IS_BETTER = frozenset({"kl"})  # metrics where a larger value is worse (divergences)
+LOWER_IS_BETTER = frozenset({"kl", "l2"})  # metrics where a larger value is worse (distances to the clean run)
 
 
 def sign_colour(score: float | None, metric: str | None = None) -> str:

@@ -1,22 +1,32 @@
-"""Gradient attribution: AtP for nodes and neurons, EAP and EAP-IG for edges.
+"""Gradient attribution: AtP for nodes and neurons, EAP and EAP-IG for edges (optionally with AtP*'s QK fix).
 
 All three estimate the same quantity as exact patching, ``m(ablated) - m(clean)`` averaged over the
-batch, and return the same :class:`patching.scores.Scores`:
+prompts, and return the same :class:`patching.scores.Scores`:
 
 * **AtP** (attribution patching; Nanda 2022, Kramar et al. 2024 "AtP*"): first-order Taylor
   expansion around the clean run, ``score(u) = sum_{b,p} (ablated_u - clean_u) . dm/d act_u / B``,
-  one forward + one backward with a zero probe added at every sender activation (plain AtP; not the
-  AtP* QK-fix or GradDrop).
+  one forward + one backward with a zero probe added at every sender activation.
 * **EAP** (edge attribution patching; Syed, Rager & Conmy 2023): ``score(s -> r) =
   sum_{b,p} (ablated_s - clean_s) . dm/d input_r / B`` with the gradient taken at the receiver's input
   (per head and per q/k/v input), i.e. the derivative of exactly the quantity edge patching moves.
   Two forwards (ablation capture; clean with gradients) and one backward; all edges of a receiver
-  group at once by one matrix product.
+  group at once by one matrix product, computed as the backward pass reaches the group (the gradient is
+  then freed).
 * **EAP-IG** (Hanna, Pezzelle & Belinkov 2024, "Have Faith in Faithfulness"): EAP with the
   gradient averaged over ``steps`` points on the straight line between the ablated and the clean
   input embeddings, ``x(a) = x_abl + a (x_clean - x_abl)`` for ``a = k/steps, k = 1..steps`` (a right
   Riemann sum: ``steps=1`` is EAP; the authors' code uses ``k = 0..steps-1``). The embeddings are
   the ``embed`` and ``pos_embed`` senders, whose ablated values follow the chosen ablation.
+* ``qk_fix=True`` (EAP, EAP-IG): AtP*'s fix for saturated attention (``patching/qkfix.py``): an edge into a
+  head's query or key is scored by the exact change of that head's attention pattern times the gradient
+  at the pattern, instead of a linearised softmax.
+
+Prompt batches (``prompt_batch``; ``patching/parts.py``): each batch runs its own forwards and backwards and
+adds ``gradient . difference`` to the scores, which are divided by the total number of prompts at the end,
+so memory is bounded by the prompt batch. A mean ablation is over all prompts (one extra clean forward per
+batch when there are several). Metrics and score sums are float32 whatever the model's dtype.
+
+Metrics whose gradient is uninformative are refused up front (:func:`check_gradient_metric`).
 """
 
 from __future__ import annotations
@@ -25,14 +35,15 @@ import time
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
-from patching.ablation import ablation_values, check_ablation
+from patching.ablation import Ablator, bos_token_id, check_ablation, trimmed
 from patching.batch import TaskBatch
-from patching.exact import resolve_metric
 from patching.graph import ComponentGraph
 from patching.metrics import Metric, gather_pos
+from patching.parts import check_prompt_batch, prompt_slices
+from patching.patcher import resolve_metric
+from patching.qkfix import QKFix
 from patching.scores import Scores, unit_ids
 from patching.wiring import Hook, Wiring, prepared
 
@@ -75,97 +86,117 @@ def check_gradient_metric(method: str, metric: str, *, steps: int | None = None)
 
 
 class _Setup:
-    """Wiring, batch and (once computed) the clean and ablated sender activations of one batch."""
+    """Wiring, prompt batches and ablation of one attribution call."""
 
     def __init__(self, model: Any, graph: ComponentGraph, batch: TaskBatch, ablation: str, metric: str | Metric,
-                 reference: TaskBatch | None, per_position: bool, split: bool):
+                 reference: TaskBatch | None, per_position: bool, *, edges: bool, prompt_batch: int | None,
+                 mean_include_bos: bool):
         check_ablation(ablation)
+        check_prompt_batch(prompt_batch, "attribution")
         self.model, self.ablation, self.metric = model, ablation, metric
-        self.reference, self.per_position = reference, per_position
         self.wiring = Wiring(model, graph)
         self.batch = batch.to(self.wiring.device)
-        self.split = split and self.wiring.needs_split()
-        self.ungroup = split and self.wiring.ungroup
+        self.split = edges and self.wiring.needs_split()
+        self.ungroup = edges and self.wiring.ungroup
         self.forward_passes = 0
-        self.clean_units: dict[str, Tensor] = {}
-        self.abl_units: dict[str, Tensor] = {}
-        self.clean_logits: Tensor | None = None
+        self.metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", type(metric).__name__)
+        self.slices = prompt_slices(len(self.batch), prompt_batch)
+        self.ablator = Ablator(self.wiring, ablation, reference=reference, per_position=per_position,
+                               bos=bos_token_id(model), include_bos=mean_include_bos, prompt_batch=prompt_batch)
+        self._fitted = False
 
-    def capture_clean(self) -> None:
-        with torch.no_grad(), prepared(self.model, split_qkv=self.split, ungroup=self.ungroup):
-            logits, self.clean_units = self.wiring.capture(self.batch.clean)
-        self.clean_logits = gather_pos(logits, self.batch.pos)
-        self.forward_passes += 1
+    def prepared(self):
+        return prepared(self.model, split_qkv=self.split, ungroup=self.ungroup)
 
-    def ablate(self) -> None:
-        with torch.no_grad(), prepared(self.model, split_qkv=self.split, ungroup=self.ungroup):
-            self.abl_units, runs = ablation_values(self.wiring, self.batch, self.clean_units, self.ablation,
-                                                   reference=self.reference, per_position=self.per_position)
+    def parts(self):
+        for rows in self.slices:
+            yield trimmed(self.batch[rows])
+
+    def fit(self) -> None:
+        """Means over every prompt before the per-batch passes when they cannot come from one batch's capture."""
+        if self.ablation != "mean" or self._fitted:
+            return
+        if self.ablator.reference is not None or len(self.slices) > 1:
+            with torch.no_grad(), self.prepared():
+                stores = []
+                if self.ablator.reference is None:
+                    for sub in self.parts():
+                        stores.append((sub, self.wiring.capture(sub.clean)[1]))
+                        self.forward_passes += 1
+                self.forward_passes += self.ablator.fit(stores)
+            self._fitted = True
+
+    def values(self, sub: TaskBatch, clean: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.no_grad(), self.prepared():
+            if self.ablation == "mean" and not self._fitted:  # one prompt batch: its own capture
+                self.ablator.fit([(sub, clean)])
+                self._fitted = True
+            abl, runs = self.ablator.values(sub, clean)
         self.forward_passes += runs
+        return abl
+
+    def capture(self, sub: TaskBatch, extra: list[Hook] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Clean forward without gradients: logits at pos and every sender's units."""
+        store: dict[str, Tensor] = {}
+        scratch: dict[str, Tensor] = {}
+        with torch.no_grad(), self.prepared(), self.model.hooks(
+                fwd_hooks=self.wiring.capture_hooks(store, scratch) + (extra or [])):
+            logits = gather_pos(self.model(sub.clean), sub.pos)
+        self.forward_passes += 1
+        return logits, store
 
 
-def _grad_pass(setup: _Setup, *, sender_probes: bool, receiver_probes: bool,
-               alpha: float | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], str]:
-    """One forward + backward on the clean prompts with zero probes; returns the probe gradients
-    (``senders[key]`` in unit form, ``receivers[key]`` as ``[1, R, B*P, d]``) and the metric name.
-
-    Without ``alpha`` the pass also records the clean sender activations and logits in ``setup``
-    (when it has none yet). With ``alpha`` the embedding senders are replaced by
-    ``abl + alpha (clean - abl)`` (EAP-IG).
-    """
-    w, b, model = setup.wiring, setup.batch, setup.model
-    record = alpha is None and not setup.clean_units
+def _probe_hooks(setup: _Setup, *, record: dict[str, Tensor] | None, sender_probes: dict[str, Tensor] | None,
+                 receiver_probes: dict[str, Tensor] | None, alpha: float | None = None,
+                 abl: dict[str, Tensor] | None = None) -> list[Hook]:
+    """Hooks of a gradient pass: record clean sender units, interpolate the embeddings (EAP-IG), add zero probes
+    at sender activations (AtP) or receiver inputs (EAP)."""
+    w = setup.wiring
     scratch: dict[str, Tensor] = {}
-    probes_s: dict[str, Tensor] = {}
-    probes_r: dict[str, Tensor] = {}
     hooks: list[Hook] = w.ln_hooks(scratch)
 
     def sender_fn(g):
         def fn(x: Tensor, hook: Any) -> Tensor | None:
             blk = scratch.get(g.in_hook) if g.in_hook else None
             u = g.units(x, blk)
-            if record:
-                setup.clean_units[g.key] = u.detach().clone()
+            if record is not None:
+                record[g.key] = u.detach().clone()
+            changed = False
             if alpha is not None and g.kind in ("embed", "pos_embed"):
-                abl = setup.abl_units[g.key]
-                u = abl + alpha * (u - abl)
-            elif not sender_probes:
-                return None
-            if sender_probes:
+                a = abl[g.key]
+                u = a + alpha * (u - a)
+                changed = True
+            if sender_probes is not None:
                 probe = torch.zeros_like(u, requires_grad=True)
-                probes_s[g.key] = probe
+                sender_probes[g.key] = probe
                 u = u + probe
-            return g.from_units(u, blk)
+                changed = True
+            return g.from_units(u, blk) if changed else None
         return fn
 
     def receiver_fn(r):
         def fn(x: Tensor, hook: Any) -> Tensor:
-            probe = torch.zeros(1, r.R, x.shape[0] * x.shape[1], w.d_model, dtype=w.dtype, device=w.device,
+            probe = torch.zeros(1, r.R, x.shape[0] * x.shape[1], w.d_model, dtype=w.dtype, device=x.device,
                                 requires_grad=True)
-            probes_r[r.key] = probe
+            receiver_probes[r.key] = probe
             return r.apply(x, probe, scratch.get(r.ln_hook) if r.ln_hook else None)
         return fn
 
-    hooks += [(g.hook, sender_fn(g)) for g in w.senders]
-    if receiver_probes:
+    if record is not None or sender_probes is not None or alpha is not None:
+        hooks += [(g.hook, sender_fn(g)) for g in w.senders]
+    if receiver_probes is not None:
         hooks += [(r.hook, receiver_fn(r)) for r in w.receivers]
-    with torch.enable_grad(), prepared(model, split_qkv=setup.split, ungroup=setup.ungroup), model.hooks(fwd_hooks=hooks):
-        logits = gather_pos(model(b.clean), b.pos)
-        if setup.clean_logits is None:
-            setup.clean_logits = logits.detach()
-        metric_fn, name = resolve_metric(setup.metric, setup.clean_logits)
-        total = metric_fn(logits, b).sum()
-        keys = list(probes_s) + list(probes_r)
-        tensors = [probes_s[k] for k in probes_s] + [probes_r[k] for k in probes_r]
-        grads = torch.autograd.grad(total, tensors, allow_unused=True)
-    out = {k: (g if g is not None else torch.zeros_like(t)) for k, g, t in zip(keys, grads, tensors, strict=True)}
-    setup.forward_passes += 1
-    return {k: out[k] for k in probes_s}, {k: out[k] for k in probes_r}, name
+    return hooks
+
+
+def _metric_total(setup: _Setup, logits: Tensor, sub: TaskBatch, clean_logits: Tensor) -> Tensor:
+    fn, setup.metric_name = resolve_metric(setup.metric, clean_logits.float())
+    return fn(logits.float(), sub).float().sum()
 
 
 def atp(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
         metric: str | Metric = "logit_diff", level: str = "node", reference: TaskBatch | None = None,
-        per_position: bool = False) -> Scores:
+        per_position: bool = False, prompt_batch: int | None = None, mean_include_bos: bool = False) -> Scores:
     """Attribution patching: first-order estimate of every node's (or neuron's) ablation effect."""
     t0 = time.perf_counter()
     if level not in ("node", "neuron"):
@@ -175,81 +206,136 @@ def atp(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = 
     ids = unit_ids(graph, level)
     if not ids:
         raise ValueError("atp: the graph has no neurons; build it with neurons=True")
-    setup = _Setup(model, graph, batch, ablation, metric, reference, per_position, split=False)
-    grads, _, name = _grad_pass(setup, sender_probes=True, receiver_probes=False)
-    setup.ablate()
-    B = len(setup.batch)
+    setup = _Setup(model, graph, batch, ablation, metric, reference, per_position, edges=False,
+                   prompt_batch=prompt_batch, mean_include_bos=mean_include_bos)
+    setup.fit()
     node_values = torch.zeros(graph.n_nodes, dtype=torch.float32, device=setup.wiring.device)
-    for g in setup.wiring.senders:
-        diff = setup.abl_units[g.key] - setup.clean_units[g.key]          # [B|1, P|1, n, f]
-        per_unit = (diff * grads[g.key]).sum(dim=(0, 1, 3)) / B            # [n]
-        node_values[g.node_idx] = per_unit.float()
+    for sub in setup.parts():
+        clean: dict[str, Tensor] = {}
+        probes: dict[str, Tensor] = {}
+        with torch.enable_grad(), setup.prepared(), model.hooks(
+                fwd_hooks=_probe_hooks(setup, record=clean, sender_probes=probes, receiver_probes=None)):
+            logits = gather_pos(model(sub.clean), sub.pos)
+            total = _metric_total(setup, logits, sub, logits.detach())
+            keys = list(probes)
+            grads = torch.autograd.grad(total, [probes[k] for k in keys], allow_unused=True)
+        setup.forward_passes += 1
+        del logits, total
+        abl = setup.values(sub, clean)
+        for k, g_ in zip(keys, grads, strict=True):
+            if g_ is None:
+                continue
+            grp = next(s for s in setup.wiring.senders if s.key == k)
+            diff = (abl[k] - clean[k]).float()                                  # [b|1, P|1, n, f]
+            node_values[grp.node_idx] += (diff * g_.float()).sum(dim=(0, 1, 3)).to(node_values.device)
+    node_values /= max(len(setup.batch), 1)
     idx = torch.tensor([graph.node_index[i] for i in ids], dtype=torch.long, device=node_values.device)
-    return Scores(graph, level, node_values[idx].detach().cpu(), ids, "atp", ablation, name,
+    return Scores(graph, level, node_values[idx].detach().cpu(), ids, "atp", ablation, setup.metric_name,
                   setup.forward_passes, time.perf_counter() - t0)
 
 
-def _sender_diff(setup: _Setup, clean_units: dict[str, Tensor]) -> Float[Tensor, "S B P d"]:
-    """``ablated_s - clean_s`` in the residual stream for every edge sender, stacked in sender order."""
-    w, b = setup.wiring, setup.batch
-    B, P = b.clean.shape
-    out = torch.zeros(w.S, B, P, w.d_model, dtype=w.dtype, device=w.device)
+def _sender_diff(setup: _Setup, abl: dict[str, Tensor], clean: dict[str, Tensor], b: int, P: int) -> Tensor:
+    """``[S, b*P*d]`` float32: ``ablated_s - clean_s`` in the residual stream of every edge sender, in sender order."""
+    w = setup.wiring
+    out = torch.zeros(w.S, b * P * w.d_model, dtype=torch.float32, device=w.device)
     for g in w.senders:
         if g.s0 is None:
             continue
-        diff = g.out(setup.abl_units[g.key]) - g.out(clean_units[g.key])  # [B|1, P|1, n, d]
-        out[g.s0:g.s1] = diff.permute(2, 0, 1, 3)
+        diff = (g.out(abl[g.key]) - g.out(clean[g.key])).expand(b, P, g.n, w.d_model)   # [b, P, n, d]
+        out[g.s0:g.s1] = diff.permute(2, 0, 1, 3).reshape(g.n, -1).float().to(w.device)
     return out
 
 
-def _edge_scores(setup: _Setup, diff: Tensor, grads: dict[str, Tensor], n_edges: int) -> Tensor:
-    """``values[edge(r, s)] = sum_{b,p} grad_r . diff_s / B`` for every receiver group at once."""
-    w = setup.wiring
-    B = diff.shape[1]
-    values = torch.zeros(n_edges, dtype=w.dtype, device=w.device)
-    for r in w.receivers:
-        G = grads[r.key].reshape(r.R, -1)                                  # [R, B*P*d]
-        Dm = diff[: r.prefix].reshape(r.prefix, -1)                        # [S_r, B*P*d]
-        values[r.edge_idx.reshape(-1)] = (G @ Dm.T).reshape(-1) / B
-    return values
-
-
 def eap(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
-        metric: str | Metric = "logit_diff", reference: TaskBatch | None = None,
-        per_position: bool = False) -> Scores:
+        metric: str | Metric = "logit_diff", reference: TaskBatch | None = None, per_position: bool = False,
+        prompt_batch: int | None = None, qk_fix: bool = False, mean_include_bos: bool = False) -> Scores:
     """Edge attribution patching (Syed et al. 2023): every edge's effect from one backward pass."""
     return eap_ig(model, graph, batch, ablation=ablation, metric=metric, steps=1, reference=reference,
-                  per_position=per_position, _method="eap")
+                  per_position=per_position, prompt_batch=prompt_batch, qk_fix=qk_fix,
+                  mean_include_bos=mean_include_bos, _method="eap")
 
 
 def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
            metric: str | Metric = "logit_diff", steps: int = 5, reference: TaskBatch | None = None,
-           per_position: bool = False, _method: str = "eap_ig") -> Scores:
-    """EAP with integrated gradients over the input embeddings (Hanna et al. 2024), ``steps`` points."""
+           per_position: bool = False, prompt_batch: int | None = None, qk_fix: bool = False,
+           mean_include_bos: bool = False, _method: str = "eap_ig") -> Scores:
+    """EAP with integrated gradients over the input embeddings (Hanna et al. 2024), ``steps`` points.
+
+    ``prompt_batch``: prompts per forward/backward (``None``: all at once); ``qk_fix``: AtP*'s exact attention
+    patterns for edges into queries and keys (``patching/qkfix.py``)."""
     t0 = time.perf_counter()
     graph.require_edges(_method)
     if steps < 1:
         raise ValueError(f"{_method}: steps must be >= 1, got {steps}")
     if isinstance(metric, str):
         check_gradient_metric(_method, metric, steps=steps)
-    setup = _Setup(model, graph, batch, ablation, metric, reference, per_position, split=True)
-    if steps > 1:  # the interpolation needs the ablated embeddings before the gradient passes
-        setup.capture_clean()
-        setup.ablate()
-    total: dict[str, Tensor] = {}
-    name = ""
-    for k in range(1, steps + 1):
-        alpha = None if steps == 1 else k / steps
-        _, grads, name = _grad_pass(setup, sender_probes=False, receiver_probes=True, alpha=alpha)
-        for key, g in grads.items():
-            total[key] = total[key] + g if key in total else g
-    if steps == 1:
-        setup.ablate()
-    mean = {key: g / steps for key, g in total.items()}
-    diff = _sender_diff(setup, setup.clean_units)
-    values = _edge_scores(setup, diff, mean, graph.n_edges)
-    return Scores(graph, "edge", values.detach().float().cpu(), unit_ids(graph, "edge"), _method, ablation, name,
+    setup = _Setup(model, graph, batch, ablation, metric, reference, per_position, edges=True,
+                   prompt_batch=prompt_batch, mean_include_bos=mean_include_bos)
+    w = setup.wiring
+    fix = QKFix(setup.wiring, model) if qk_fix else None
+    skip = fix.receivers if fix is not None else set()
+    setup.fit()
+    values = torch.zeros(graph.n_edges, dtype=torch.float32, device=w.device)
+    for sub in setup.parts():
+        b, P = sub.clean.shape
+        clean: dict[str, Tensor] = {}
+        fix_store: dict[str, Tensor] = {}
+        if steps > 1:  # the interpolation needs the clean and ablated embeddings before the gradient passes
+            clean_logits, clean = setup.capture(sub, fix.capture_hooks(fix_store) if fix else None)
+            abl = setup.values(sub, clean)
+            D = _sender_diff(setup, abl, clean, b, P)
+        else:
+            clean_logits, abl, D = None, None, None
+        pattern_grads: dict[int, Tensor] = {}
+        for k in range(1, steps + 1):
+            alpha = None if steps == 1 else k / steps
+            probes: dict[str, Tensor] = {}
+            patterns: dict[int, Tensor] = {}
+            record = clean if steps == 1 else None
+            hooks = _probe_hooks(setup, record=record, sender_probes=None, receiver_probes=probes, alpha=alpha,
+                                 abl=abl)
+            if fix is not None and k == steps:  # the clean point (alpha = 1): AtP*'s gradient at the pattern
+                hooks += fix.pattern_probe_hooks(patterns) + (fix.capture_hooks(fix_store) if steps == 1 else [])
+            with torch.enable_grad(), setup.prepared():
+                with model.hooks(fwd_hooks=hooks):
+                    logits = gather_pos(model(sub.clean), sub.pos)
+                if clean_logits is None:
+                    clean_logits = logits.detach()
+                total = _metric_total(setup, logits, sub, clean_logits)
+                del logits
+                if D is None:  # EAP: the clean units came from this pass; the ablation follows them
+                    abl = setup.values(sub, clean)
+                    D = _sender_diff(setup, abl, clean, b, P)
+                _accumulate_on_backward(setup, probes, D, values, skip, scale=1.0 / steps)
+                leaves = list(probes.values()) + list(patterns.values())
+                total.backward(inputs=leaves)
+            setup.forward_passes += 1
+            pattern_grads.update({L: p.grad.float() for L, p in patterns.items()})
+            del total, probes, patterns, leaves
+        if fix is not None:
+            fix.verify(fix_store)
+            fix.add_scores(values, fix_store, D, pattern_grads, b, P)
+    values /= max(len(setup.batch), 1)
+    method = _method + ("_qkfix" if qk_fix else "")
+    return Scores(graph, "edge", values.detach().cpu(), unit_ids(graph, "edge"), method, ablation, setup.metric_name,
                   setup.forward_passes, time.perf_counter() - t0)
+
+
+def _accumulate_on_backward(setup: _Setup, probes: dict[str, Tensor], D: Tensor, values: Tensor, skip: set[str],
+                            scale: float) -> None:
+    """As the backward pass reaches each receiver probe: ``values[edge(r, s)] += scale * grad_r . D_s`` (float32),
+    then free the gradient. Receiver groups in ``skip`` (the QK fix's) are left to it."""
+    for r in setup.wiring.receivers:
+        probe = probes.get(r.key)
+        if probe is None:
+            continue
+
+        def hook(p: Tensor, _r: Any = r) -> None:
+            if _r.key not in skip:
+                G = p.grad.reshape(_r.R, -1).float().to(D.device)                 # [R, b*P*d]
+                values[_r.edge_idx.reshape(-1).to(values.device)] += scale * (G @ D[: _r.prefix].T).reshape(-1)
+            p.grad = None
+        probe.register_post_accumulate_grad_hook(hook)
 
 
 __all__ = ["atp", "eap", "eap_ig", "check_gradient_metric", "GRADIENT_METHODS"]

@@ -131,3 +131,112 @@ def test_reference_is_exactly_faithful_through_the_engine(models):
 
 def ev_max(t):
     return float(t.abs().max())
+
+
+def test_edge_forward_reproduces_the_bridge_and_tracr(models):
+    """The engine-independent forward over tracr's weights equals the bridge on every input (which equals tracr,
+    test above), so it can serve as the reference circuit's oracle."""
+    from evals.tracr_circuits import edge_forward
+    from evals.tracr_models import BOS, all_inputs, bridge_vocab
+
+    for model in models.values():
+        vocab = {t: i for i, t in enumerate(bridge_vocab(model.tracr))}
+        for n in range(1, model.tracr.program.max_seq_len + 1):
+            toks = torch.tensor([[vocab[BOS]] + [vocab[t] for t in s]
+                                 for s in all_inputs(model.tracr.program, range(n, n + 1))])
+            with torch.no_grad():
+                bridge = model(toks).double()
+            assert float((edge_forward(model.tracr, toks) - bridge).abs().max()) < 1e-5
+
+
+def test_program_circuits_are_conmy_et_als_ground_truth(models):
+    """Recomputed from the compiled weights, the zero-ablation program circuits are the edge sets Conmy et al.
+    publish: reverse exactly; frac_prevs without their two BOS-fallback edges, which no well-formed input
+    (BOS first, as tracr's compiler requires) can move; their proportion data encodes w, x, y, z as token ids
+    0-3, which in tracr's input encoding are BOS, compiler_pad, x, y: BOS tokens anywhere, where the fallback
+    does matter (shown here with the same forward)."""
+    import itertools
+
+    from evals.tracr_circuits import CONMY_EDGES, edge_forward, tracr_reference
+    from evals.tracr_models import BOS, PAD, bridge_vocab
+    from patching.graph import ComponentGraph
+
+    rev = models["tracr-reverse"]
+    ref = tracr_reference(rev, ComponentGraph.from_model(rev), kind="program")
+    assert set(ref.edges) == set(CONMY_EDGES["reverse"])
+    fp = models["tracr-frac_prevs"]
+    ref = tracr_reference(fp, ComponentGraph.from_model(fp), kind="program")
+    fallback = {"embed->a1.h0<q>", "embed->a1.h0<k>"}
+    assert set(ref.edges) == set(CONMY_EDGES["frac_prevs"]) - fallback
+    assert set(ref.details["dropped_inert"].split()) == fallback
+    vocab = {t: i for i, t in enumerate(bridge_vocab(fp.tracr))}
+    theirs = torch.tensor([[vocab[t] for t in s] for s in itertools.product([BOS, PAD, "x", "y"], repeat=4)])
+    clean = edge_forward(fp.tracr, theirs)
+    for e in fallback:
+        assert float((edge_forward(fp.tracr, theirs, {e}) - clean)[:, 1:].abs().max()) > 0.5, e
+
+
+@pytest.mark.parametrize("name", PROGRAMS)
+def test_program_circuit_is_exact_and_minimal_under_zero_ablation(models, name):
+    """Through the engine, at every output position: the program circuit alone (every other edge zero-ablated)
+    reproduces the model exactly (l2 distance 0, f = 1 on the task metric), and each of its edges moves the
+    output of some input of the program's domain (edge_forward)."""
+    from evals.faithfulness import evaluate_masks
+    from evals.tracr_circuits import edge_forward, tracr_batch, tracr_reference, tracr_task
+    from evals.tracr_models import BOS, all_inputs, bridge_vocab
+    from patching.exact import EdgePatcher
+    from patching.graph import ComponentGraph
+
+    model = models[name]
+    graph = ComponentGraph.from_model(model)
+    ref = tracr_reference(model, graph, kind="program")
+    batch = tracr_batch(tracr_task(name, 12, seed=2), model, "all")
+    inside = graph.edge_mask(ref.edges)
+    patcher = EdgePatcher(model, graph, batch, ablation="zero", metric="l2")
+    assert float(patcher.run(~inside[None]).abs().max()) < 1e-8
+    assert float(patcher.ablated_metric.mean()) > 0.1  # zero-ablating everything does move the output
+    ev = evaluate_masks(EdgePatcher(model, graph, batch, ablation="zero", metric="logit_diff"), batch,
+                        inside[None], "logit_diff")
+    assert float(ev["faithfulness"][0]) == pytest.approx(1.0, abs=1e-6)
+    vocab = {t: i for i, t in enumerate(bridge_vocab(model.tracr))}
+    toks = [torch.tensor([[vocab[BOS]] + [vocab[t] for t in s] for s in all_inputs(model.tracr.program, range(n, n + 1))])
+            for n in range(1, 6)]
+    for e in ref.edges:
+        assert any(float((edge_forward(model.tracr, t, {e}) - edge_forward(model.tracr, t))[:, 1:].abs().max()) > 1e-3
+                   for t in toks), e
+
+
+def test_all_positions_batch_follows_program_semantics(models):
+    from evals.tracr_circuits import program_outputs, tracr_batch, tracr_task
+    from patching.metrics import gather_pos, logit_diff
+
+    for name, model in models.items():
+        task = tracr_task(name, n=6, seed=4)
+        batch = tracr_batch(task, model, "all")
+        assert len(batch) == 6 * 5 and batch.pos.tolist() == [1, 2, 3, 4, 5] * 6
+        with torch.no_grad():
+            got = logit_diff(gather_pos(model(batch.clean), batch.pos), batch)
+        if name == "tracr-reverse":
+            assert torch.allclose(got, torch.ones(len(batch)), atol=1e-5)  # answer = the mirrored token
+            answers = [model.tokenizer.convert_ids_to_tokens(int(a)) for a in batch.answer]
+            assert answers == [t for p in task.pairs for t in program_outputs(name, p.clean.split())]
+        else:
+            want = torch.tensor([v for p in task.pairs for v in program_outputs(name, p.clean.split())])
+            assert torch.allclose(got, want.float(), atol=1e-5)
+    last = tracr_batch(tracr_task("reverse", n=3), models["tracr-reverse"], "last")
+    assert last.pos.tolist() == [5, 5, 5]
+
+
+def test_reference_follows_the_ablation(models):
+    from evals.references import reference_for
+    from evals.tracr_circuits import tracr_task
+    from patching.graph import ComponentGraph
+
+    model = models["tracr-reverse"]
+    graph = ComponentGraph.from_model(model)
+    batch = tracr_task("reverse", 8).batch(model.tokenizer)
+    zero = reference_for("tracr-reverse", model, graph, batch, ablation="zero")
+    resample = reference_for("tracr-reverse", model, graph, batch, ablation="resample")
+    assert "program circuit" in zero.source and len(zero.edges) == 11
+    assert "task circuit" in resample.source and len(resample.edges) == 2
+    assert reference_for("tracr-reverse", model, graph, batch, ablation="zero", kind="task").edges == resample.edges

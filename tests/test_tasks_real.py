@@ -75,11 +75,12 @@ def gpt2_like(tmp_path_factory):
         corpus.append(t.format(A=a, B=b, S=b))
     corpus += [f"The war lasted from the year {c}{y:02d} to the year {c}{(y + 7) % 100:02d}."
                for c in range(11, 18) for y in range(100)] * 3
+    corpus += ["-".join(f"{i:02d}" for i in range(100))] * 20           # "32" as a chunk of its own
     corpus += [" ".join(INDUCTION_WORDS + EXTRA_INDUCTION_WORDS)] * 5
-    corpus += ["([]{()}) [(){}] {[()]} (()) [[]] {{}} ([{" * 3] * 20
+    corpus += ["([]{()}) [(){}] {[()]} (()) [[]] {{}} ([{" * 3, "a ( b ) c [ d ] e { f }"] * 20
     corpus += [" ".join(EXTRA_NAMES + NAMES)]      # rare names: seen once, left in pieces
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=1200, min_frequency=3, special_tokens=["<|endoftext|>"],
+    bpe.train_from_iterator(corpus, vocab_size=3000, min_frequency=3, special_tokens=["<|endoftext|>"],
                             show_progress=False)
     fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>",
                                    eos_token="<|endoftext|>")
@@ -195,6 +196,8 @@ def test_gpt2_like_keeps_only_single_token_names_and_two_digit_years(gpt2_like):
         _check_pairs(task, gpt2_like)
     gt = get_task("greater_than", n=20, seed=2, tokenizer=gpt2_like).pairs
     assert all(len(p.answer) == 2 and int(p.answer) - int(p.wrong) == 2 for p in gt)
+    merged = any(len(token_ids(gpt2_like, a + b)) == 1 for a in "()[]{}" for b in "()[]{}")
+    assert (get_task("dyck", n=2, seed=0, tokenizer=gpt2_like).pairs[0].answer[0] == " ") == merged
 
 
 def test_too_few_names_is_a_one_line_refusal(gpt2_like, tiny_tok):

@@ -200,8 +200,9 @@ def collect_handler(args: argparse.Namespace) -> int:
 
     hooks = tuple(h.strip() for h in args.hooks.split(",") if h.strip())
     cfg = _store_config(args, hooks)           # validated before the model loads
+    early = None if (args.corpus or "task:").startswith("task:") else build_corpus(args.corpus, args.model, None, 0)
     model = _setup(args)
-    corpus = build_corpus(args.corpus, args.model, model.tokenizer, args.seed)
+    corpus = early or build_corpus(args.corpus, args.model, model.tokenizer, args.seed)
     t = time.perf_counter()
     store = collect(model, corpus, cfg, args.out, progress=not args.no_progress)
     dt = time.perf_counter() - t

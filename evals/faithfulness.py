@@ -1,18 +1,23 @@
 """Faithfulness curves, CPR and CMD: the circuit-localisation protocol of MIB (Mueller et al. 2025,
 "MIB: A Mechanistic Interpretability Benchmark", circuit track).
 
-Faithfulness of a circuit ``C`` on a task metric ``m`` (mean over prompts)::
+Faithfulness of a circuit ``C`` on a task metric ``m`` (mean over prompts), as everywhere in the project
+(:mod:`patching.faithfulness`)::
 
     f(C) = (m(C) - m(empty)) / (m(full model) - m(empty))
 
 where ``m(C)`` is the metric with every edge outside ``C`` ablated (engine edge semantics, see
 docs/architecture.md), ``empty`` ablates every edge and ``full`` none; so ``f(full) = 1`` and
-``f(empty) = 0``. A method's scores define nested circuits: the top-scoring edges at sizes ``p`` =
-0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100 % of the graph's edges (:data:`MIB_PERCENTAGES`).
+``f(empty) = 0``. A method's ranking defines circuits at sizes ``p`` = 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50,
+100 % of the graph's edges (:data:`MIB_PERCENTAGES`).
 
-Sizes: ``k(p) = floor(p / 100 * E)`` edges, MIB's ``int(pct * n_edges)``. With few edges the small sizes
+Sizes: ``k(p) = floor(p / 100 * E)`` edges, MIB's ``int(pct * n_edges)``. The circuit at size k
+(``FaithfulnessConfig.circuits``): ``connected`` (default) is the connected circuit of at most k edges
+that ``discover --topk k`` keeps (:func:`circuits.algorithms.select.connected_prefixes`: the longest prefix of
+the ranking whose input -> logits connected part has at most k edges; MIB also prunes its circuits to
+connected ones); ``topk`` is the literal top k edges, connected or not. With few edges the small sizes
 round to 0 edges: those points are the empty circuit (``f = 0`` up to float error) and stay in the curve,
-as in MIB; the actual counts are reported next to the percentages.
+as in MIB; the edges actually in each circuit are reported (``Curve.edges``).
 
 Ranking: ``abs`` (default) ranks edges by ``|score|``; ``signed`` by the signed contribution to the metric
 (``-score`` for a higher-is-better scoring metric, since scores are ``m(ablated) - m(clean)``; ``+score``
@@ -34,8 +39,8 @@ interval 50-100 % carries half of the weight and 0.1-10 % about 10 %. ``log_x=Tr
 KL: alongside, the mean KL(full model || circuit) of the next-token distributions at each size.
 
 Random baseline: for each of ``random_seeds`` seeds (``seed``, ``seed + 1``, ...) a random permutation of
-the edges gives nested random circuits of the same sizes. Its curve is the mean faithfulness / KL over
-seeds; its CPR and CMD are the means of the per-seed CPR and CMD.
+the edges is a ranking, and its circuits are built the same way (connected or literal top-k). Its curve is
+the mean faithfulness / KL over seeds; its CPR and CMD are the means of the per-seed CPR and CMD.
 
 Everything runs through ONE ``EdgePatcher``: the full model, the empty circuit, every method's sizes and
 every random circuit are rows of one ablation mask ``[K, E]`` evaluated with ``run_logits`` (K masks per
@@ -55,6 +60,7 @@ from torch import Tensor
 
 MIB_PERCENTAGES: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 RANKINGS = ("abs", "signed")
+CIRCUITS = ("connected", "topk")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class FaithfulnessConfig:
         seed: first seed of the random circuits.
         log_x: integrate over ``ln(fraction)`` instead of the fraction (MIB default: False).
         masks_per_call: most masks per ``run_logits`` call (``None``: all at once).
+        circuits: ``connected`` (the circuit ``discover --topk k`` keeps) or ``topk`` (the literal top k).
     """
 
     percentages: tuple[float, ...] = MIB_PERCENTAGES
@@ -76,6 +83,7 @@ class FaithfulnessConfig:
     seed: int = 0
     log_x: bool = False
     masks_per_call: int | None = None
+    circuits: str = "connected"
 
     def __post_init__(self) -> None:
         p = tuple(float(x) for x in self.percentages)
@@ -88,6 +96,8 @@ class FaithfulnessConfig:
             raise ValueError(f"FaithfulnessConfig.random_seeds must be >= 0, got {self.random_seeds}")
         if self.masks_per_call is not None and self.masks_per_call < 1:
             raise ValueError(f"FaithfulnessConfig.masks_per_call must be >= 1, got {self.masks_per_call}")
+        if self.circuits not in CIRCUITS:
+            raise ValueError(f"FaithfulnessConfig.circuits: unknown {self.circuits!r}; choose one of {CIRCUITS}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -171,8 +181,10 @@ def evaluate_masks(patcher: Any, batch: Any, in_circuit: Bool[Tensor, "K E"], me
 
     Two reference rows (nothing ablated, everything ablated) are evaluated in the same calls. Returns
     ``{"metric", "kl", "faithfulness"}`` (``[K]`` float64 each) and the scalars ``m_full``, ``m_empty``,
-    ``kl_empty``. Raises ``ValueError`` when ``m_full == m_empty`` (faithfulness undefined).
+    ``kl_empty``. Raises :class:`patching.faithfulness.FaithfulnessUndefined` (a ``ValueError``) when
+    ``m_full == m_empty``.
     """
+    from patching.faithfulness import faithfulness
     from patching.metrics import KLToClean, get_metric
 
     own = getattr(patcher, "batch", None)  # the engine's copy of the batch, on the model's device
@@ -194,11 +206,7 @@ def evaluate_masks(patcher: Any, batch: Any, in_circuit: Bool[Tensor, "K E"], me
     m = get_metric(metric, clean_logits=logits[0])(logits, batch).mean(-1).cpu()
     kl = KLToClean(logits[0])(logits, batch).mean(-1).cpu()
     m_full, m_empty = float(m[0]), float(m[1])
-    den = m_full - m_empty
-    if not abs(den) > 1e-12 * max(1.0, abs(m_full)):
-        raise ValueError(f"faithfulness undefined: the full model and the empty circuit give the same mean "
-                         f"{metric} ({m_full:.6g}); the clean and corrupted prompts must differ on this metric")
-    return {"metric": m[2:], "kl": kl[2:], "faithfulness": (m[2:] - m_empty) / den,
+    return {"metric": m[2:], "kl": kl[2:], "faithfulness": faithfulness(m[2:], m_full, m_empty, metric=metric),
             "m_full": torch.tensor(m_full), "m_empty": torch.tensor(m_empty), "kl_empty": kl[1]}
 
 
@@ -216,6 +224,7 @@ class Curve:
     faithfulness_std: tuple[float, ...] = ()
     cpr_std: float | None = None
     cmd_std: float | None = None
+    edges: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -245,8 +254,19 @@ class FaithfulnessResult:
                 "random": self.random.to_dict() if self.random else None, **self.extra}
 
 
+def circuit_masks(graph: Any, importance: Float[Tensor, " E"], counts: Sequence[int], kind: str = "connected",
+                  conn: Any = None) -> Bool[Tensor, "K E"]:
+    """In-circuit masks of the circuit at each size: ``connected`` (what ``discover --topk k`` keeps) or the
+    literal ``topk`` (module docstring). ``graph`` may be ``None`` for ``topk``."""
+    if kind == "topk":
+        return top_masks(importance, counts)
+    from circuits.algorithms.select import connected_prefixes
+
+    return connected_prefixes(graph, importance, list(counts), conn)
+
+
 def faithfulness_curves(patcher: Any, batch: Any, importance: Mapping[str, Float[Tensor, " E"]], *, metric: str,
-                        config: FaithfulnessConfig | None = None) -> FaithfulnessResult:
+                        config: FaithfulnessConfig | None = None, graph: Any = None) -> FaithfulnessResult:
     """Faithfulness / KL curves, CPR and CMD of every method in ``importance`` and of the random baseline.
 
     Args:
@@ -255,9 +275,11 @@ def faithfulness_curves(patcher: Any, batch: Any, importance: Mapping[str, Float
         importance: per method, ``[E]`` edge importances aligned with the graph's edges (larger = kept
             first; see :func:`ranking_keys` and :func:`evals.run.edge_importance`).
         metric: the task metric name (``logit_diff``, ``prob_diff``, ``accuracy``, ``kl``).
-        config: sizes, ranking, random seeds.
+        config: sizes, ranking, random seeds, circuit construction.
+        graph: the ComponentGraph (default: the patcher's), for connected circuits.
     """
     config = config or FaithfulnessConfig()
+    graph = graph if graph is not None else getattr(patcher, "graph", None)
     n_edges = next(iter(importance.values())).shape[0] if importance else len(patcher.graph.edges)
     for name, imp in importance.items():
         if imp.shape != (n_edges,):
@@ -266,8 +288,15 @@ def faithfulness_curves(patcher: Any, batch: Any, importance: Mapping[str, Float
     counts = edge_counts(config.percentages, n_edges)
     names = list(importance)
     seeds = [config.seed + i for i in range(config.random_seeds)]
-    masks = [top_masks(importance[n], counts) for n in names]
-    rnd = random_masks(n_edges, counts, seeds)
+    conn = None
+    if config.circuits == "connected":
+        from circuits.algorithms.select import Connectivity
+
+        conn = Connectivity(graph)
+    masks = [circuit_masks(graph, importance[n], counts, config.circuits, conn) for n in names]
+    rnd = torch.stack([circuit_masks(graph, torch.rand(n_edges, generator=torch.Generator().manual_seed(int(s)),
+                                                       dtype=torch.float64), counts, config.circuits, conn)
+                       for s in seeds]) if seeds else torch.zeros(0, len(counts), n_edges, dtype=torch.bool)
     all_masks = torch.cat(masks + [rnd.reshape(-1, n_edges)]) if (masks or seeds) else \
         torch.zeros(0, n_edges, dtype=torch.bool)
     passes0 = int(getattr(patcher, "forward_passes", 0))
@@ -282,7 +311,8 @@ def faithfulness_curves(patcher: Any, batch: Any, importance: Mapping[str, Float
     for i, n in enumerate(names):
         f = rows(ev["faithfulness"], i)
         curves[n] = Curve(label=n, faithfulness=f, kl=rows(ev["kl"], i), metric=rows(ev["metric"], i),
-                          cpr=cpr(pct, f, log_x=lx), cmd=cmd(pct, f, log_x=lx))
+                          cpr=cpr(pct, f, log_x=lx), cmd=cmd(pct, f, log_x=lx),
+                          edges=tuple(float(x) for x in masks[i].sum(1).tolist()))
     random_curve = None
     if seeds:
         base = len(names) * k
@@ -295,7 +325,7 @@ def faithfulness_curves(patcher: Any, batch: Any, importance: Mapping[str, Float
         random_curve = Curve(label="random", faithfulness=tuple(f_r.mean(0).tolist()), kl=tuple(kl_r.mean(0).tolist()),
                              metric=tuple(m_r.mean(0).tolist()), cpr=float(cprs.mean()), cmd=float(cmds.mean()),
                              faithfulness_std=tuple(std(f_r).tolist()), cpr_std=float(std(cprs)),
-                             cmd_std=float(std(cmds)))
+                             cmd_std=float(std(cmds)), edges=tuple(rnd.sum(2).double().mean(0).tolist()))
     return FaithfulnessResult(config=config, metric=metric, n_edges=n_edges, counts=tuple(counts),
                               m_full=float(ev["m_full"]), m_empty=float(ev["m_empty"]), kl_empty=float(ev["kl_empty"]),
                               curves=curves, random=random_curve,
@@ -304,4 +334,4 @@ def faithfulness_curves(patcher: Any, batch: Any, importance: Mapping[str, Float
 
 __all__ = ["MIB_PERCENTAGES", "FaithfulnessConfig", "Curve", "FaithfulnessResult", "edge_counts",
            "area_under_curve", "cpr", "cmd", "ranking_keys", "top_masks", "random_masks", "evaluate_masks",
-           "faithfulness_curves"]
+           "faithfulness_curves", "circuit_masks", "CIRCUITS"]

@@ -57,8 +57,8 @@ def plot_faithfulness(result: FaithfulnessResult, path: str | Path, *, title: st
         ax.set_xticks(pct)
         ax.set_xticklabels([_pct_label(p) for p in pct], rotation=45)
         ax.minorticks_off()
-        ax.set_xlabel(f"circuit size (% of {result.n_edges} edges, top-ranked by |score|)"
-                      if result.config.ranking == "abs" else f"circuit size (% of {result.n_edges} edges)")
+        how = "connected circuits" if result.config.circuits == "connected" else "literal top-k"
+        ax.set_xlabel(f"circuit size (% of {result.n_edges} edges; {how} by each method's ranking)")
         ax.grid(True, alpha=0.3)
     ax_f.set_ylabel(f"faithfulness f  (metric: {result.metric})")
     ax_f.set_title("faithfulness: (m(circuit) - m(empty)) / (m(full) - m(empty))", fontsize=10)
@@ -92,7 +92,8 @@ def plot_rocs(rocs: dict[str, dict[str, ROC]], path: str | Path, *, title: str =
         ax.set_xlabel(f"false positive rate ({level}s outside the reference)")
         ax.set_ylabel(f"true positive rate (reference {level}s found)")
         counts = f"\n{some.n_pos} {level}s in the reference, {some.n_neg} outside" if some else ""
-        ax.set_title(f"{level}-level ROC over the |score| threshold{counts}", fontsize=10)
+        ax.set_title(f"{level}-level ROC over each method's ranking (ACDC: one point per tau){counts}",
+                     fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     return _save(plt, fig, path, title)

@@ -189,19 +189,21 @@ def induction_reference(model: Any, graph: Any | None = None, batch: Any | None 
 INDUCTION_MODELS = ("attn2l-induction",)
 
 
-def reference_for(model_name: str, model: Any, graph: Any | None = None, batch: Any | None = None) -> \
-        ReferenceCircuit | None:
+def reference_for(model_name: str, model: Any, graph: Any | None = None, batch: Any | None = None, *,
+                  ablation: str = "resample", kind: str = "auto") -> ReferenceCircuit | None:
     """The reference circuit of ``model_name`` (``None`` if it has none).
 
-    ``batch`` (the task's TaskBatch) restricts a tracr reference to the edges that carry a difference
-    between its clean and corrupted prompts; see :func:`evals.tracr_circuits.tracr_reference`.
+    tracr models: the reference follows the ablation (:func:`evals.tracr_circuits.reference_kind`): under
+    zero ablation the program circuit, under resample / mean the task circuit (the edges that carry a
+    difference between ``batch``'s clean and corrupted prompts); ``kind`` (``program`` / ``task``) overrides.
     """
     from evals.tracr_models import is_tracr_name
 
     if is_tracr_name(model_name):
-        from evals.tracr_circuits import tracr_reference
+        from evals.tracr_circuits import reference_kind, tracr_reference
 
-        return tracr_reference(model, graph, batch=batch)
+        k = reference_kind(ablation, kind)
+        return tracr_reference(model, graph, batch=batch if k == "task" else None, kind=k)
     if model_name in INDUCTION_MODELS:
         return induction_reference(model, graph, batch)
     return None

@@ -26,8 +26,11 @@ The reference follows the ablation, because each ablation asks a different quest
   through which the clean/corrupt difference can flow. For ``reverse`` on same-length prompts the length
   computation is identical in both runs, so its task circuit is ``embed -> reverse head <v> -> logits``.
 
-Tasks (:func:`tracr_task`): all prompts have the program's ``max_seq_len`` tokens (the models attend in both
-directions, so right padding would change ``length``). ``reverse``: the last output is the first token;
+Tasks (:func:`tracr_task`): all prompts of a task have one length, :data:`TASK_LENGTH` (the models attend in
+both directions, so right padding would change ``length``): 3 tokens for ``reverse``, as Conmy et al. (at
+the longest input, 5, tracr's selector-width MLP saturates, and zero-ablating the length computation leaves
+every output unchanged, so no method could find that part of the program circuit there), 5 for
+``frac_prevs``. ``reverse``: the last output is the first token;
 the corrupted prompt changes the first token; metric ``logit_diff`` (clean 1, corrupted -1).
 ``frac_prevs``: the last output is the fraction of ``x`` tokens; the corrupted prompt turns at least one
 ``x`` into ``y``; ``logit_diff`` of the readout token against ``compiler_pad`` (always 0) is that fraction.
@@ -58,6 +61,7 @@ CONSTANT_DIMS = ("one", f"tokens:{BOS}", f"tokens:{PAD}")
 WEIGHT_TOL = 1e-9
 DIFF_TOL = 1e-6
 REFERENCE_KINDS = ("auto", "program", "task")
+TASK_LENGTH = {"reverse": 3, "frac_prevs": 5}
 
 # Conmy et al. 2023's ground truth for tracr (ACDC repository, acdc/tracr_task/utils.py,
 # get_tracr_reverse_edges / get_tracr_proportion_edges: "ACDC run with threshold epsilon, metric l2 and zero
@@ -324,7 +328,7 @@ def tracr_task(name: str, n: int = 32, seed: int = 0) -> Task:
     program = get_program(name)
     rng = random.Random(seed)
     vocab = sorted(program.vocab)
-    length = program.max_seq_len
+    length = TASK_LENGTH[program.name]
     pairs = []
     if program.name == "reverse":
         for _ in range(n):
@@ -401,4 +405,4 @@ def tracr_batch(task: Task, model: Any, positions: str = "all", device: Any = No
 
 __all__ = ["component_io", "varying_dims", "tracr_reference", "component_roles", "tracr_task", "expected_metric",
            "readout_token", "edge_forward", "inert_edges", "tracr_batch", "program_outputs", "reference_kind",
-           "CONMY_EDGES", "L2ToClean", "register_l2", "REFERENCE_KINDS", "POSITIONS"]
+           "CONMY_EDGES", "L2ToClean", "register_l2", "REFERENCE_KINDS", "POSITIONS", "TASK_LENGTH"]

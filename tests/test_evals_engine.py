@@ -70,16 +70,76 @@ def test_random_baseline_well_below_eap_ig(ioi):
 
 def test_eval_cli_without_reference_writes_exact_keys(tmp_path, capsys):
     from circuits.cli import main  # through the entry point `eval = "evals.cli:register"`
+    from evals.run import RESULT_KEYS
 
     out = tmp_path / "ioi"
-    code = main(["eval", "circuits", "--model", "ioi-2l", "--task", "ioi", "--methods", "eap", "-n", "8",
-                 "--sizes", "1,10,100", "--random-seeds", "2", "--out", str(out), "--device", "cpu"])
+    code = main(["eval", "circuits", "--model", "ioi-2l", "--task", "ioi", "--methods", "eap", "-n", "16",
+                 "--split", "0.5", "--sizes", "1,10,100", "--random-seeds", "2", "--out", str(out), "--device", "cpu"])
     assert code == 0
     rows = json.loads((out / "results.json").read_text())
-    assert [list(r) for r in rows] == [["method", "cpr", "cmd", "auc", "seconds", "forward_passes", "edges"]] * 2
-    assert rows[0]["method"] == "eap" and rows[0]["auc"] is None and rows[1]["method"] == "random"
-    assert (out / "faithfulness.png").exists() and not (out / "roc.png").exists()
-    assert "no reference circuit" in capsys.readouterr().out
+    assert RESULT_KEYS == ("method", "ranking", "cpr", "cmd", "cpr_train", "cmd_train", "f", "f_train", "kl", "auc",
+                           "seconds", "forward_passes", "edges")
+    assert [tuple(r) for r in rows] == [RESULT_KEYS] * 2
+    assert rows[0]["method"] == "eap" and rows[0]["ranking"] == "abs-score" and rows[0]["auc"] is None
+    assert rows[1]["method"] == "random" and rows[1]["f"] is None
+    assert rows[0]["cpr"] != rows[0]["cpr_train"]  # two different prompt sets
+    details = json.loads((out / "details.json").read_text())
+    assert details["split"] == {"split": 0.5, "seed": 0, "n_prompts": 16, "n_discovery": 8, "n_heldout": 8,
+                                "rows_discovery": 8, "rows_heldout": 8, "in_sample_only": False}
+    assert (out / "faithfulness.png").exists() and (out / "faithfulness_train.png").exists()
+    assert not (out / "roc.png").exists()
+    printed = capsys.readouterr().out
+    assert "no reference circuit" in printed and "held out" in printed
+
+
+def test_held_out_numbers_are_measured_on_prompts_discovery_never_saw(zoo_model):
+    """eval's held-out CPR is the discovery prompts' ranking measured on the held-out prompts; discovering on
+    the held-out prompts themselves (the leak the split prevents) gives a different number."""
+    from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config
+    from circuits.discover import split_task
+    from circuits.tasks import get_task
+    from evals.run import EvalConfig, edge_importance, evaluate_methods
+    from patching.exact import EdgePatcher
+    from patching.graph import ComponentGraph
+
+    cfg = EvalConfig(methods=("eap",), n_prompts=24, split=0.5, seed=3, faithfulness=FaithfulnessConfig(random_seeds=1))
+    report = evaluate_methods("ioi-2l", "ioi", cfg)
+    train, test = split_task(get_task("ioi", n=24, seed=3), 12, 3)
+    assert not {p.clean for p in train.pairs} & {p.clean for p in test.pairs}
+    model = zoo_model("ioi-2l")
+    graph = ComponentGraph.from_model(model)
+    alg = get_algorithm("eap")
+    rc = resolve_config(alg, DiscoveryConfig(seed=3), "logit_diff", graph=graph)
+
+    def cpr_of(discover_on, measure_on):
+        res = alg(model, graph, discover_on.batch(model.tokenizer), rc)
+        b = measure_on.batch(model.tokenizer)
+        patcher = EdgePatcher(model, graph, b, ablation="resample", metric="logit_diff")
+        return faithfulness_curves(patcher, b, {"eap": edge_importance(graph, res)}, metric="logit_diff",
+                                   config=FaithfulnessConfig(random_seeds=0)).curves["eap"].cpr
+
+    row = report.rows[0]
+    assert row["cpr"] == pytest.approx(cpr_of(train, test), abs=1e-9)
+    assert row["cpr_train"] == pytest.approx(cpr_of(train, train), abs=1e-9)
+    assert abs(row["cpr"] - cpr_of(test, test)) > 1e-6
+
+
+def test_eval_circuit_at_size_k_is_discovers_topk_circuit(ioi):
+    """The circuit eval measures at size k is the connected circuit `discover --topk k` returns."""
+    from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config
+    from evals.faithfulness import circuit_masks
+    from evals.run import edge_importance
+
+    model, graph, batch = ioi
+    alg = get_algorithm("eap-ig")
+    full = alg(model, graph, batch, resolve_config(alg, DiscoveryConfig(), "logit_diff", graph=graph))
+    counts = [1, 5, 11, 22, 55]
+    masks = circuit_masks(graph, edge_importance(graph, full), counts)
+    for k, m in zip(counts, masks, strict=True):
+        res = alg(model, graph, batch, resolve_config(alg, DiscoveryConfig(topk=k), "logit_diff", graph=graph))
+        assert torch.equal(m, res.kept), k
+    literal = circuit_masks(graph, edge_importance(graph, full), counts, "topk")
+    assert literal.sum(1).tolist() == counts and not torch.equal(literal, masks)
 
 
 def test_eval_cli_unknown_method_is_a_one_line_error(tmp_path, capsys):
@@ -129,7 +189,31 @@ def test_induction_reference_of_the_zoo_model(induction_model):
 
 
 def test_acdc_recovers_the_induction_reference(induction_model):
-    """ACDC (exact patching) ranks every reference edge above every other edge: edge AUC 1 on this model."""
+    """ACDC's ROC as Conmy et al. draw it (one ACDC run per tau): the reference is recovered, edge AUC > 0.95."""
+    from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config
+    from circuits.algorithms.acdc_sweep import acdc_sweep
+    from circuits.tasks import get_task
+    from evals.ground_truth import sweep_rocs
+    from evals.references import induction_reference
+    from patching.graph import ComponentGraph
+
+    model = induction_model
+    graph = ComponentGraph.from_model(model)
+    batch = get_task("induction", n=16, seed=0).batch(model.tokenizer, device="cpu")
+    ref = induction_reference(model, graph, batch)
+    alg = get_algorithm("acdc")
+    sweep = acdc_sweep(model, graph, batch, resolve_config(alg, DiscoveryConfig(seed=0), "logit_diff", graph=graph),
+                       n_taus=8)
+    assert len(sweep.taus) == 9 and sweep.result.ranking_kind == "acdc-tau"
+    rocs = sweep_rocs(graph, sweep.circuits, ref)
+    assert rocs["edge"].auc > 0.95, rocs["edge"]
+    assert len(rocs["edge"].fpr) >= 3  # points from the sweep, not only the end points
+
+
+@pytest.mark.parametrize("method,qk_fix,bound", [("eap-ig", True, 0.95)])
+def test_eap_ig_with_the_qk_fix_finds_the_induction_circuit(induction_model, method, qk_fix, bound):
+    """AtP*'s QK fix, exposed as DiscoveryConfig.qk_fix / --qk-fix: EAP-IG's edge AUC against the induction
+    reference reaches the issue's target (plain EAP-IG saturates on the sharp key edge)."""
     from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config
     from circuits.tasks import get_task
     from evals.ground_truth import method_rocs
@@ -140,7 +224,7 @@ def test_acdc_recovers_the_induction_reference(induction_model):
     graph = ComponentGraph.from_model(model)
     batch = get_task("induction", n=16, seed=0).batch(model.tokenizer, device="cpu")
     ref = induction_reference(model, graph, batch)
-    alg = get_algorithm("acdc")
-    result = alg(model, graph, batch, resolve_config(alg, DiscoveryConfig(seed=0), "logit_diff", graph=graph))
-    rocs = method_rocs(graph, result, ref)
-    assert rocs["edge"].auc > 0.95, rocs["edge"]
+    alg = get_algorithm(method)
+    res = alg(model, graph, batch, resolve_config(alg, DiscoveryConfig(qk_fix=qk_fix), "logit_diff", graph=graph))
+    assert res.scores.method.endswith("qkfix")
+    assert method_rocs(graph, res, ref)["edge"].auc >= bound

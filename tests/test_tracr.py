@@ -207,13 +207,14 @@ def test_program_circuit_is_exact_and_minimal_under_zero_ablation(models, name):
 
 
 def test_all_positions_batch_follows_program_semantics(models):
-    from evals.tracr_circuits import program_outputs, tracr_batch, tracr_task
+    from evals.tracr_circuits import TASK_LENGTH, program_outputs, tracr_batch, tracr_task
     from patching.metrics import gather_pos, logit_diff
 
     for name, model in models.items():
         task = tracr_task(name, n=6, seed=4)
         batch = tracr_batch(task, model, "all")
-        assert len(batch) == 6 * 5 and batch.pos.tolist() == [1, 2, 3, 4, 5] * 6
+        n = TASK_LENGTH[name[len("tracr-"):]]
+        assert len(batch) == 6 * n and batch.pos.tolist() == list(range(1, n + 1)) * 6
         with torch.no_grad():
             got = logit_diff(gather_pos(model(batch.clean), batch.pos), batch)
         if name == "tracr-reverse":
@@ -224,7 +225,7 @@ def test_all_positions_batch_follows_program_semantics(models):
             want = torch.tensor([v for p in task.pairs for v in program_outputs(name, p.clean.split())])
             assert torch.allclose(got, want.float(), atol=1e-5)
     last = tracr_batch(tracr_task("reverse", n=3), models["tracr-reverse"], "last")
-    assert last.pos.tolist() == [5, 5, 5]
+    assert last.pos.tolist() == [3, 3, 3]
 
 
 def test_reference_follows_the_ablation(models):

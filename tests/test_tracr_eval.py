@@ -23,8 +23,10 @@ def run_cli(argv):
 
 
 def test_eval_circuits_tracr_reverse(tmp_path, capsys):
+    from evals.run import RESULT_KEYS
+
     out = tmp_path / "rev"
-    code = run_cli(["eval", "circuits", "--model", "tracr-reverse", "--methods", "eap,node-patch", "-n", "8",
+    code = run_cli(["eval", "circuits", "--model", "tracr-reverse", "--methods", "eap,node-patch", "-n", "16",
                     "--random-seeds", "3", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -32,7 +34,7 @@ def test_eval_circuits_tracr_reverse(tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in rows] == ["eap", "node-patch", "random"]
     for r in rows:
-        assert list(r) == ["method", "cpr", "cmd", "auc", "seconds", "forward_passes", "edges"]
+        assert tuple(r) == RESULT_KEYS
     eap, node, rnd = rows
     # the task circuit is embed -> reverse head <v> -> logits; EAP's gradients single it out exactly
     assert eap["auc"] == pytest.approx(1.0)
@@ -42,13 +44,35 @@ def test_eval_circuits_tracr_reverse(tmp_path, capsys):
     assert eap["cpr"] > rnd["cpr"] + 0.2
     assert rnd["edges"] is None and 0.0 <= rnd["auc"] <= 1.0
     with (out / "results.csv").open() as f:
-        assert next(csv.reader(f)) == ["method", "cpr", "cmd", "auc", "seconds", "forward_passes", "edges"]
+        assert tuple(next(csv.reader(f))) == RESULT_KEYS
     assert "| eap |" in (out / "results.md").read_text()
     for png in ("faithfulness.png", "roc.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     details = json.loads((out / "details.json").read_text())
     assert details["reference"]["edges"] and details["faithfulness"]["counts"][-1] == 84
+    # resample ablation: the task circuit; every output position is read (held-out prompts x 3 positions)
+    assert "task circuit" in details["reference"]["source"] and len(details["reference"]["edges"]) == 2
+    assert details["split"]["rows_heldout"] == 3 * details["split"]["n_heldout"]
 
+
+@pytest.mark.parametrize("model,n_ref", [("tracr-reverse", 11), ("tracr-frac_prevs", 5)])
+def test_acdc_recovers_the_program_circuit_under_zero_ablation(tmp_path, model, n_ref):
+    """Conmy et al.'s protocol: zero ablation, the l2 metric over every output position, the program circuit as
+    ground truth, ACDC's ROC from its tau sweep. Target (as in the paper): AUC 1.0. EAP and EAP-IG (task
+    metric over all positions) are reported whatever they reach."""
+    from evals.run import EvalConfig, evaluate_methods
+    from evals.faithfulness import FaithfulnessConfig
+
+    cfg = EvalConfig(methods=("acdc", "eap", "eap-ig"), n_prompts=32, ablation="zero",
+                     faithfulness=FaithfulnessConfig(random_seeds=2))
+    report = evaluate_methods(model, None, cfg)
+    assert "program circuit" in report.reference.source and len(report.reference.edges) == n_ref
+    rows = {r["method"]: r for r in report.rows}
+    assert report.methods["acdc"]["scoring_metric"] == "l2" and rows["acdc"]["ranking"] == "acdc-tau"
+    assert rows["acdc"]["auc"] == pytest.approx(1.0)
+    assert report.rocs["acdc"]["edge"].auc == pytest.approx(1.0)
+    for m in ("eap", "eap-ig"):
+        assert 0.0 <= rows[m]["auc"] <= 1.0 and rows[m]["ranking"] == "abs-score"
 
 def test_eval_rejects_foreign_task_for_tracr(tmp_path):
     with pytest.raises(ValueError, match="has only its own task"):

@@ -16,7 +16,8 @@ This module runs that sweep:
 
 For faithfulness curves, which need circuits of given sizes, the sweep also ranks the edges
 (``ranking_kind="acdc-tau"``): by the largest tau whose circuit keeps the edge, then by the number of taus
-that keep it (edges no tau keeps last).
+that keep it; edges no tau keeps come last, by the ``|change|`` the smallest tau's run measured when it tried
+them.
 """
 
 from __future__ import annotations
@@ -103,14 +104,20 @@ def default_taus(scale: float, tau: float, n: int = N_TAUS) -> list[float]:
     return sorted({float(f"{t:.6g}") for t in grid} | {float(tau)})
 
 
-def sweep_ranking(taus: list[float], circuits: Bool[Tensor, "T E"]) -> Float[Tensor, " E"]:
+def sweep_ranking(taus: list[float], circuits: Bool[Tensor, "T E"],
+                  effect: Float[Tensor, " E"] | None = None) -> Float[Tensor, " E"]:
     """Importance of each edge: the index of the largest tau keeping it, plus (count of taus keeping it) / (T + 1)
-    as the tie-break; ``-inf`` for edges no tau keeps."""
+    as the tie-break. Edges no tau keeps rank below, in ``(-1, 0)``: by ``|effect|`` (the change measured when
+    the smallest tau's run tried them; NaN and untried edges at -1) when given, else all at -1."""
     T = len(taus)
     idx = torch.arange(T, dtype=torch.float64)[:, None].expand(T, circuits.shape[1])
     largest = torch.where(circuits, idx, torch.full_like(idx, -math.inf)).amax(0)
     count = circuits.sum(0).double()
-    return torch.where(count > 0, largest + count / (T + 1), torch.full_like(largest, -math.inf))
+    low = torch.full_like(largest, -1.0)
+    if effect is not None:
+        mag = effect.detach().double().cpu().abs().nan_to_num(nan=0.0)
+        low = -1.0 + mag / (float(mag.max()) + 1.0)
+    return torch.where(count > 0, largest + count / (T + 1), low)
 
 
 def run_sweep(patcher: Any, graph: Any, config: DiscoveryConfig, taus: list[float], *,
@@ -168,7 +175,7 @@ def acdc_sweep(model: Any, graph: Any, batch: Any, config: DiscoveryConfig, *, t
     stats = {**stats, **warm_stats, "forward_passes": fp, "ablations": int(patcher.ablations),
              "sweep_taus": len(taus), "sweep_cache_hits": per_tau[-1]["cache_hits"]}
     single = make_result(graph, replace(config, threshold=tau0), metric, kept, effect, stats, seconds)
-    result = replace(single, ranking=sweep_ranking(taus, C), ranking_kind="acdc-tau")
+    result = replace(single, ranking=sweep_ranking(taus, C, runs[0][1]), ranking_kind="acdc-tau")
     return SweepResult(taus=tuple(taus), circuits=C, result=result, stats=tuple(per_tau), forward_passes=fp,
                        ablations=int(patcher.ablations), seconds=seconds)
 

@@ -369,6 +369,9 @@ def resolve_config(algorithm: Algorithm, config: DiscoveryConfig, task_metric: s
     has_warm = warm["warm_start"] is not None or warm["warm_start_fraction"] is not None
     if has_warm and not algorithm.warm_start:
         raise ValueError(f"method {algorithm.name!r} takes no warm start (--warm-start applies to acdc and greedy)")
+    if config.qk_fix and not ((algorithm.gradient and "edge" in algorithm.levels) or has_warm):
+        raise ValueError(f"method {algorithm.name!r}: --qk-fix applies to the edge attribution methods (eap, eap-ig) "
+                         f"and the EAP-IG warm starts of acdc and greedy")
     sel: dict[str, Any] = {}
     if algorithm.selection == "target":
         sel = {"topk": None, "topk_fraction": None}

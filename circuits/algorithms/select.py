@@ -154,13 +154,15 @@ def connected_prefixes(graph: Any, importance: Float[Tensor, " E"], counts: list
     important edges: ``prune_to_connected(top m)`` for the largest prefix length m of the ranking (larger
     ``importance`` first; ties: lower index; ``-inf`` / NaN edges never enter) whose connected part has at most
     ``k`` edges. For ``importance = |scores|`` this is :func:`top_connected`, the circuit ``discover --topk k``
-    keeps. All sizes are bisected together, one batched :class:`Connectivity` call per round.
+    keeps. ``-inf`` edges come last (in index order) but do enter, so the largest size is the whole graph;
+    NaN edges never enter. All sizes are bisected together, one batched :class:`Connectivity` call per round.
     """
     n = len(graph.edges)
     imp = importance.detach().double().cpu()
-    ok = ~torch.isnan(imp) & (imp > -math.inf)
+    ok = ~torch.isnan(imp)
     key = torch.where(ok, imp, torch.full_like(imp, -math.inf))
-    order = torch.sort(-key, stable=True).indices
+    order = torch.sort(-key, stable=True).indices  # -inf and NaN last; NaN cut off by n_ok below
+    order = torch.cat([order[ok[order]], order[~ok[order]]])
     rank = torch.empty(n, dtype=torch.long)
     rank[order] = torch.arange(n)
     conn = conn or Connectivity(graph)

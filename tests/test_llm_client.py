@@ -238,3 +238,17 @@ def test_config_errors_are_one_line(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="not a usable SQLite database"):
         LLMCache(bad)
     assert chat_text(json.loads(json.dumps(chat_reply("hi")))) == "hi"
+
+
+def test_retry_after_forms():
+    from explainers.llm.client import _retry_after
+
+    class Err:
+        def __init__(self, headers):
+            self.response = type("R", (), {"headers": headers})()
+
+    assert _retry_after(Err({"retry-after": "2"})) == 2.0
+    assert _retry_after(Err({"retry-after-ms": "1500"})) == 1.5
+    assert _retry_after(Err({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 0.0  # a date in the past
+    assert _retry_after(Err({"retry-after": "soon"})) is None
+    assert _retry_after(Err({})) is None

@@ -29,7 +29,6 @@ call gives the same graph except for the ``created`` and ``seconds`` attributes.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -112,16 +111,16 @@ def split_task(task: Any, n_heldout: int, seed: int) -> tuple[Any, Any]:
 
 
 def make_task(task: str, n: int, seed: int, model: Any = None) -> Any:
-    """A task from a generator name or a ``.jsonl`` path; generators get the model's tokenizer when they
-    take one (real tokenizers need prompts built for them)."""
+    """A task from a generator name or a ``.jsonl`` path, written for (and validated against) the model's
+    tokenizer: a bridge's own, or for a model name its tokenizer alone (no weights)."""
     from circuits.tasks import get_task
 
-    kwargs: dict[str, Any] = {}
-    if model is not None and "tokenizer" in inspect.signature(get_task).parameters:
+    tokenizer = None
+    if model is not None:
         from circuits.models import load_tokenizer
 
-        kwargs["tokenizer"] = model.tokenizer if not isinstance(model, str) else load_tokenizer(model)
-    return get_task(task, n=n, seed=seed, **kwargs)
+        tokenizer = load_tokenizer(model) if isinstance(model, str) else model.tokenizer
+    return get_task(task, n=n, seed=seed, tokenizer=tokenizer)
 
 
 def discover(model: Any, task: Any, method: str, config: DiscoveryConfig | None = None, *,

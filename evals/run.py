@@ -80,7 +80,7 @@ class EvalConfig:
         positions: tracr tasks: read the metric at ``all`` output positions (Conmy et al.) or the ``last``.
         acdc_taus: taus in ACDC's sweep (besides its default tau).
         acdc_metric: ACDC's metric (``None``: ``l2`` on tracr models, ``kl`` otherwise).
-        qk_fix: AtP*'s QK fix for the attribution methods.
+        qk_fix: AtP*'s QK fix for the edge attribution methods (EAP, EAP-IG, greedy's EAP-IG warm start).
         prompt_batch: prompts per engine forward (memory).
         dtype: model dtype (``float32`` / ``bfloat16`` / ``float16``; ``None``: float32).
         faithfulness_target: greedy's target and the scoring methods' default circuit size.
@@ -287,11 +287,14 @@ def _method_configs(config: EvalConfig, algorithms: list[Any], task_metric: str,
                            faithfulness_target=config.faithfulness_target)
     out = {}
     for alg in algorithms:
-        cfg = base
+        # AtP*'s QK fix changes edge attribution only (EAP, EAP-IG and greedy's EAP-IG warm start)
+        cfg = replace(base, qk_fix=config.qk_fix and (alg.name in ("eap", "eap-ig", "greedy")))
         if alg.name == "acdc":
-            cfg = replace(base, metric=config.acdc_metric or ("l2" if tracr else None))
+            cfg = replace(cfg, metric=config.acdc_metric or ("l2" if tracr else None))
         elif alg.name == "greedy":
-            cfg = replace(base, full_ranking=True, warm_start_fraction=config.greedy_warm_start or None)
+            cfg = replace(cfg, full_ranking=True, warm_start_fraction=config.greedy_warm_start or None)
+            if cfg.warm_start_fraction is None:
+                cfg = replace(cfg, qk_fix=False)
         out[alg.name] = resolve_config(alg, cfg, task_metric, facts=facts)
     return out
 

@@ -82,7 +82,48 @@ def test_cli_edge_method_on_mamba_is_one_line_error(tmp_path, capsys):
     assert rc == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("circuitexplain: error:") and "node method" in last and "node-patch" in last
+    assert "mamba: recurrent/state-space" in last  # the real reason, from the config
     assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "ioi-mamba", "--method", "acdc"], "recurrent/state-space blocks have no per-component edges"),
+    (["--method", "eap", "--metric", "kl"], "metric 'kl' only at the clean run, where it is exactly zero"),
+    (["--method", "node-atp", "--metric", "accuracy"], "'accuracy' is not differentiable"),
+    (["--method", "greedy", "--threshold", "0.1"], "--threshold does not apply"),
+    (["--method", "greedy", "--metric", "accuracy", "--topk", "10"], "greedy (its EAP-IG warm start)"),
+    (["--method", "eap-ig", "--warm-start", "10"], "takes no warm start"),
+    (["--method", "node-patch", "--qk-fix"], "--qk-fix applies to the edge attribution methods"),
+])
+def test_inapplicable_requests_fail_before_weights_load(tmp_path, capsys, monkeypatch, argv, msg):
+    """Decided from the arguments and the model's config: loading weights would be an error here."""
+    import circuits.models
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded for a request that cannot run")
+
+    monkeypatch.setattr(circuits.models, "load_model", no_weights)
+    args = ["discover", "--task", "ioi", "-n", "4", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "x.json"), *argv]
+    if "--model" not in argv:
+        args += ["--model", "ioi-2l"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("circuitexplain: error:") and msg in err[0], err
+
+
+def test_cli_held_out_prompts_and_engine_options(tmp_path, capsys):
+    out = tmp_path / "e.json"
+    rc = main(["discover", "--model", "ioi-2l", "--task", "ioi", "--method", "eap-ig", "--topk", "30", "-n", "16",
+               "--eval-prompts", "16", "--prompt-batch", "5", "--device", "cpu", "--no-progress", "--out", str(out),
+               "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    G = load(out)
+    assert s["eval_prompts"] == 16 and G.graph["n_prompts"] == 16
+    assert s["heldout_faithfulness"] == G.graph["heldout_faithfulness"] and s["ranking"] == "abs-score"
+    assert s["heldout_faithfulness"] != s["faithfulness"]
+    assert "generator:ioi" in G.graph["task_source"] and "train 16 of 32" in G.graph["task_source"]
 
 
 def test_acdc_ctrl_c_then_resume_gives_the_uninterrupted_graph(tmp_path, capsys, monkeypatch):

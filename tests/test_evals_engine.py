@@ -45,7 +45,8 @@ def test_faithfulness_is_one_for_full_and_zero_for_empty(ioi):
     assert float(ev["kl"][1]) == pytest.approx(float(ev["kl_empty"]), rel=1e-6)
 
 
-def test_random_baseline_well_below_eap_ig(ioi):
+def test_regression_random_baseline_well_below_eap_ig(ioi):
+    """Regression: the 0.2 margins hold on the shipped ioi-2l checkpoint (random circuits are not faithful)."""
     from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config
     from evals.run import edge_importance
     from patching.exact import EdgePatcher
@@ -158,7 +159,8 @@ def induction_model(zoo_model):
     return zoo_model("attn2l-induction")
 
 
-def test_induction_reference_of_the_zoo_model(induction_model):
+def test_regression_induction_reference_of_the_zoo_model(induction_model):
+    """Regression: score bounds (> 0.5, > 0.8, faithfulness > 0.6) are set from the shipped attn2l-induction."""
     from circuits.tasks import get_task
     from evals.references import induction_reference
     from patching.exact import EdgePatcher
@@ -210,10 +212,10 @@ def test_acdc_recovers_the_induction_reference(induction_model):
     assert len(rocs["edge"].fpr) >= 3  # points from the sweep, not only the end points
 
 
-@pytest.mark.parametrize("method,qk_fix,bound", [("eap-ig", True, 0.95)])
-def test_eap_ig_with_the_qk_fix_finds_the_induction_circuit(induction_model, method, qk_fix, bound):
+def test_eap_ig_with_the_qk_fix_finds_the_induction_circuit(induction_model):
     """AtP*'s QK fix, exposed as DiscoveryConfig.qk_fix / --qk-fix: EAP-IG's edge AUC against the induction
-    reference reaches the issue's target (plain EAP-IG saturates on the sharp key edge)."""
+    reference reaches the issue's target 0.95 (measured 0.974 on 32 prompts; seeds 1, 2: 0.968, 0.955) where
+    plain EAP-IG, saturated on the sharp key edge, does not (0.851)."""
     from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config
     from circuits.tasks import get_task
     from evals.ground_truth import method_rocs
@@ -222,9 +224,12 @@ def test_eap_ig_with_the_qk_fix_finds_the_induction_circuit(induction_model, met
 
     model = induction_model
     graph = ComponentGraph.from_model(model)
-    batch = get_task("induction", n=16, seed=0).batch(model.tokenizer, device="cpu")
+    batch = get_task("induction", n=32, seed=0).batch(model.tokenizer, device="cpu")
     ref = induction_reference(model, graph, batch)
-    alg = get_algorithm(method)
-    res = alg(model, graph, batch, resolve_config(alg, DiscoveryConfig(qk_fix=qk_fix), "logit_diff", graph=graph))
-    assert res.scores.method.endswith("qkfix")
-    assert method_rocs(graph, res, ref)["edge"].auc >= bound
+    alg = get_algorithm("eap-ig")
+    auc = {}
+    for qk in (False, True):
+        res = alg(model, graph, batch, resolve_config(alg, DiscoveryConfig(qk_fix=qk), "logit_diff", graph=graph))
+        assert res.scores.method.endswith("qkfix") == qk
+        auc[qk] = method_rocs(graph, res, ref)["edge"].auc
+    assert auc[True] >= 0.95 and auc[True] > auc[False] + 0.05, auc

@@ -139,3 +139,61 @@ def test_reference_circuit_roundtrip():
     assert ref.nodes == ("a0.h1", "a1.h2", "logits")
     assert ReferenceCircuit.from_dict(ref.to_dict()) == ref
     assert edge_endpoints("a0.h1->a1.h2<k>") == ("a0.h1", "a1.h2")
+
+
+def test_pessimistic_auc_is_conmy_et_als():
+    """The values asserted next to ``pessimistic_auc`` in the ACDC repository (acdc/acdc_graphics.py)."""
+    from evals.ground_truth import pessimistic_auc
+
+    assert pessimistic_auc([0, 1], [0, 1]) == 0.0
+    assert pessimistic_auc([0, 0.5, 1], [0, 0.5, 1]) == 0.5 ** 2
+    assert pessimistic_auc([0, 0.25, 1], [0, 0.25, 1]) == 0.25 * 0.75
+    assert pessimistic_auc([0, 0.25, 0.5, 1], [0, 0.25, 0.5, 1]) == 5 / 16
+    assert pessimistic_auc([0, 0.25, 0.75, 1], [0, 0.25, 0.5, 1]) == 4 / 16
+
+
+def test_roc_from_circuits_by_hand():
+    """Three nested circuits over 6 units (2 positives): points (0, .5), (0, 1), (.5, 1) plus the ends; none is
+    dominated (Conmy et al. drop a point only for one with lower FPR *and* higher TPR); AUC = (1 - 0) * .5 +
+    (1 - 0) * .5 = 1. Circuits holding a negative early lower it."""
+    from evals.ground_truth import pareto_points, roc_from_circuits
+
+    labels = [True, True, False, False, False, False]
+    circuits = [[True, False, False, False, False, False], [True, True, False, False, False, False],
+                [True, True, True, True, False, False]]
+    roc = roc_from_circuits(circuits, labels)
+    assert list(zip(roc.fpr, roc.tpr, strict=True)) == [(0.0, 0.0), (0.0, 0.5), (0.0, 1.0), (0.5, 1.0), (1.0, 1.0)]
+    assert roc.auc == 1.0 and roc.thresholds == (-1.0, 0.0, 1.0, 2.0, -1.0)
+    worse = roc_from_circuits([[True, False, True, False, False, False], [True, True, True, True, False, False]],
+                              labels)
+    assert worse.auc == pytest.approx((1 - 0.25) * 0.5 + (1 - 0.5) * 0.5)
+    assert pareto_points([(0.0, 0.0), (0.5, 0.4), (0.25, 0.5), (1.0, 1.0)]) == [(0.0, 0.0), (0.25, 0.5), (1.0, 1.0)]
+    with pytest.raises(ValueError, match="positives"):
+        roc_from_circuits(circuits, [False] * 6)
+
+
+def test_method_roc_uses_the_results_ranking_not_abs_scores():
+    """A removal-order ranking can disagree with |score|: the ROC must follow the ranking (larger = first) and
+    put -inf (unranked) units last, never first as |.| would."""
+    import math
+
+    from circuits.algorithms import DiscoveryResult
+    from evals.ground_truth import method_rocs
+    from evals.references import ReferenceCircuit
+    from patching.graph import ComponentGraph, Edge, Node
+    from patching.scores import Scores
+
+    nodes = (Node("embed", "embed", None), Node("a0.h0", "attn_head", 0, head=0),
+             Node("a0.h1", "attn_head", 0, head=1), Node("logits", "logits", None))
+    graph = ComponentGraph(nodes=nodes, edges=(Edge("embed", "a0.h0", "v"), Edge("a0.h0", "logits"),
+                                               Edge("embed", "a0.h1", "v")), supports_edges=True, meta={})
+    ids = tuple(e.id for e in graph.edges)
+    scores = Scores(graph, "edge", torch.tensor([0.0, 0.1, 5.0]), ids, "greedy", "resample", "logit_diff", 1, 0.0)
+    ref = ReferenceCircuit.from_edges(["embed->a0.h0<v>", "a0.h0->logits"])
+    res = DiscoveryResult(scores, torch.tensor([True, True, False]), "edge", "greedy", 1, 0, 0.0,
+                          ranking=torch.tensor([2.0, 1.0, -math.inf], dtype=torch.float64),
+                          ranking_kind="removal-order")
+    rocs = method_rocs(graph, res, ref)
+    assert rocs["edge"].auc == 1.0 and rocs["node"].auc == 1.0
+    plain = DiscoveryResult(scores, torch.tensor([True, True, False]), "edge", "eap", 1, 0, 0.0)
+    assert method_rocs(graph, plain, ref)["edge"].auc == 0.0  # |score| puts the negative first

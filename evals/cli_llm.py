@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                                    "small for explanation prompts)")
     p.add_argument("--kv-cache-gb", type=int, default=1, help="KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; default 1)")
     p.add_argument("--dtype", default="bfloat16", help="weights dtype (default bfloat16)")
+    p.add_argument("--threads", type=int, help="CPU threads, unbound (default: vLLM binds one per core; on a "
+                                               "machine shared with busy processes --threads 1 decodes faster)")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for /health (default 600)")
     p.set_defaults(func=serve)
 
@@ -83,7 +85,8 @@ def serve(args: argparse.Namespace) -> int:
     name = args.name or (args.model if not Path(args.model).expanduser().is_dir() else model_dir.name)
     print(f"starting vLLM for {name} ({model_dir}) on 127.0.0.1:{args.port} ...", file=sys.stderr)
     state = server.start_server(model_dir, name=name, port=args.port, max_model_len=args.max_model_len,
-                                kv_cache_gb=args.kv_cache_gb, dtype=args.dtype, wait_s=args.timeout)
+                                kv_cache_gb=args.kv_cache_gb, dtype=args.dtype, threads=args.threads,
+                                wait_s=args.timeout)
     print(state.base_url)
     print(f"ready: --llm-base-url {state.base_url} --llm-model {name}  (stop: circuitexplain llm serve --stop "
           f"--port {args.port}; log {state.log})", file=sys.stderr)

@@ -43,11 +43,12 @@ def reconstruction_metrics(sae: Any, batches: Iterable[Tensor]) -> dict[str, Any
     sx = se = None
     sxx = see = l0 = 0.0
     fired = None
+    dev = sae.W_enc.device
     for x in batches:
-        x = x.float()
+        x = x.to(dev, torch.float32)
         x_hat, f = sae(x)
-        e = (x - x_hat).double()
-        xd = x.double()
+        e = (x - x_hat).double().cpu()
+        xd = x.double().cpu()
         if sx is None:
             sx = torch.zeros(x.shape[1], dtype=torch.float64)
             se = torch.zeros_like(sx)
@@ -56,7 +57,7 @@ def reconstruction_metrics(sae: Any, batches: Iterable[Tensor]) -> dict[str, Any
         se += e.sum(0)
         sxx += float((xd ** 2).sum())
         see += float((e ** 2).sum())
-        nz = f != 0
+        nz = (f != 0).cpu()
         l0 += float(nz.sum())
         fired += nz.sum(0).double()
         n += x.shape[0]
@@ -203,9 +204,10 @@ def evaluate_sae(model: Any, sae: Any, store: Any, hook: str, *, holdout: float 
     rec = reconstruction_metrics(sae, eval_x.split(4096))
     fit_x = next(store.batches(hook, min(n_fit_rows, store.n_rows_in(train)), seed=seed, shards=train,
                                buffer_shards=16))
+    dev = sae.W_enc.device
     with torch.no_grad():
-        e_fit = fit_x - sae(fit_x)[0]
-        e_eval = eval_x - sae(eval_x)[0]
+        e_fit = fit_x - sae(fit_x.to(dev))[0].cpu()
+        e_eval = torch.cat([x - sae(x.to(dev))[0].cpu() for x in eval_x.split(4096)])
     r2 = error_linear_r2(fit_x, e_fit, eval_x, e_eval)
     cfg = store.config
     first = 1 if (cfg.prepend_bos and cfg.exclude_bos) else 0

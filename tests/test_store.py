@@ -161,3 +161,30 @@ def test_killed_collection_resumes_byte_identical(zoo_model, tmp_path):
     assert sorted(p.name for p in victim_dir.iterdir() if not p.name.endswith(".tmp")) == want
     for name in want:
         assert (victim_dir / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+def test_corpora_read_their_files(tmp_path):
+    from explainers.corpus import FortunesCorpus, TextFileCorpus, corpus_from_spec
+
+    (tmp_path / "a.txt").write_text("one line\nsecond line\n\nnext paragraph\n")
+    assert list(TextFileCorpus(str(tmp_path / "a.txt"))) == ["one line\nsecond line", "next paragraph"]
+    assert list(TextFileCorpus(str(tmp_path / "a.txt"), "line")) == ["one line", "second line", "next paragraph"]
+    (tmp_path / "b.jsonl").write_text('{"text": "hello"}\n{"tokens": [1, 2]}\n')
+    assert list(corpus_from_spec(str(tmp_path / "b.jsonl")))[:1] == ["hello"]
+    with pytest.raises(ValueError, match=r"b.jsonl:2: no field 'text'"):
+        list(JsonlCorpus(str(tmp_path / "b.jsonl")))
+    (tmp_path / "t.jsonl").write_text('{"tokens": [1, 2]}\n{"tokens": [3]}\n')
+    assert list(JsonlCorpus(str(tmp_path / "t.jsonl"), "tokens")) == [(1, 2), (3,)]
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"c.jsonl:2: bad JSON"):
+        list(JsonlCorpus(str(tmp_path / "c.jsonl")))
+    fort = tmp_path / "fortunes"
+    fort.mkdir()
+    (fort / "wisdom").write_text("First fortune.\n\t-- Someone\n%\nSecond\nfortune.\n%\n")
+    (fort / "wisdom.dat").write_bytes(b"\0\1")
+    (fort / "ascii-art").write_text("  /\\_/\\\n%\n")
+    c = FortunesCorpus(str(fort))
+    assert list(c) == ["First fortune.\n\t-- Someone", "Second\nfortune."]
+    assert c.describe()["files"] == ["wisdom"]
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        FortunesCorpus(str(tmp_path / "none"))

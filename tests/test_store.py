@@ -170,7 +170,7 @@ def test_corpora_read_their_files(tmp_path):
     assert list(TextFileCorpus(str(tmp_path / "a.txt"))) == ["one line\nsecond line", "next paragraph"]
     assert list(TextFileCorpus(str(tmp_path / "a.txt"), "line")) == ["one line", "second line", "next paragraph"]
     (tmp_path / "b.jsonl").write_text('{"text": "hello"}\n{"tokens": [1, 2]}\n')
-    assert list(corpus_from_spec(str(tmp_path / "b.jsonl")))[:1] == ["hello"]
+    assert next(iter(corpus_from_spec(str(tmp_path / "b.jsonl")))) == "hello"
     with pytest.raises(ValueError, match=r"b.jsonl:2: no field 'text'"):
         list(JsonlCorpus(str(tmp_path / "b.jsonl")))
     (tmp_path / "t.jsonl").write_text('{"tokens": [1, 2]}\n{"tokens": [3]}\n')

@@ -57,7 +57,7 @@ class _Chunk:
     cut_live: list[int] = field(default_factory=list)                   # per receiver group: A_r
     cut_up: list[int] = field(default_factory=list)                     # per receiver group: U_r
     recv_on: list[bool] = field(default_factory=list)
-    sel: list[Any] = field(default_factory=list)  # per sender group: (units, c0, c1, ablated outputs) or None
+    sel: list[Any] = field(default_factory=list)  # per sender group: (units, columns c0, c1) or None
 
 
 def _at_pos(t: Tensor, b: int, P: int, pos: Tensor) -> Tensor:
@@ -150,8 +150,7 @@ class EdgePatcher(Patcher):
             c0, c1 = bisect_left(live, g.s0), bisect_left(live, g.s1)
             if c1 > c0:  # re-run and used: its hook writes D[:, c0:c1]
                 units = torch.tensor(live[c0:c1], dtype=torch.long, device=g.device) - g.s0
-                abl = g.out(part.abl_units[g.key], units).permute(2, 0, 1, 3)         # [a, b|1, P|1, d]
-                c.sel[g.i] = (units, c0, c1, abl)
+                c.sel[g.i] = (units, c0, c1)
             u0, u1 = bisect_left(up, g.s0), bisect_left(up, g.s1)
             if u1 > u0 and any(u0 < n for n in need_up.values()):  # upstream and used: clean difference now
                 units = torch.tensor(up[u0:u1], dtype=torch.long, device=g.device) - g.s0
@@ -173,7 +172,8 @@ class EdgePatcher(Patcher):
                 sel = None if c is None else c.sel[g.i]
                 if sel is None:
                     return None
-                units, c0, c1, abl = sel
+                units, c0, c1 = sel
+                abl = g.out(st.part.abl_units[g.key], units).permute(2, 0, 1, 3)   # [a, b|1, P|1, d]
                 cur = g.out(g.units(x), units)                                      # [N | 1, Q, a, d]
                 Q, a = cur.shape[1], c1 - c0
                 if cur.shape[0] != st.N:

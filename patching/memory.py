@@ -40,6 +40,7 @@ class MemoryModel:
     d_mlp: int
     d_vocab: int
     n_senders: int
+    n_layers: int
     edges: bool       # edge runs: receiver inputs per head
     split: bool       # split q/k/v path (per-head residual forks)
 
@@ -48,7 +49,7 @@ class MemoryModel:
         m = graph.meta
         return cls(elt=torch.finfo(dtype).bits // 8, d=int(m["d_model"]), n_heads=max(int(m.get("n_heads") or 0), 1),
                    d_mlp=max(int(m.get("d_mlp") or 0), int(m["d_model"])), d_vocab=int(m["d_vocab"]),
-                   n_senders=len(graph.senders), edges=edges, split=split)
+                   n_senders=len(graph.senders), n_layers=int(m["n_layers"]), edges=edges, split=split)
 
     def row_bytes(self, P: int, *, whole: bool = False) -> int:
         """One prompt row of one mask: a layer's working set over ``P`` positions and the logits."""
@@ -57,7 +58,8 @@ class MemoryModel:
         if self.edges:
             per_pos += (8 * H * d) if self.split else (3 * H * d)
         logits = self.d_vocab * (P if whole else 1)
-        return self.elt * (P * per_pos + 2 * logits) + 4 * self.d_vocab
+        masks = self.n_layers * P * P  # each layer's attention mask, tiled to the chunk and kept for it
+        return self.elt * (P * per_pos + 2 * logits + masks) + 4 * self.d_vocab
 
     def diff_bytes(self, b: int, P: int) -> int:
         """One sender's residual-stream difference over ``b`` prompts of ``P`` positions."""

@@ -68,7 +68,8 @@ class SuffixRunner:
         attn_out = self.rp.mid(L) - self.rp.pre(L)
         diff = attn_out - g.out(self.part.clean_units[g.key]).sum(-2)
         dev = float((diff - diff.mean(dim=(0, 1), keepdim=True)).abs().max())
-        return dev <= 1e-4 * (float(attn_out.abs().max()) or 1.0) + 1e-6
+        rtol = max(1e-4, 8 * torch.finfo(attn_out.dtype).eps)  # half precision: its own rounding
+        return dev <= rtol * (float(attn_out.abs().max()) or 1.0) + 1e-6
 
     def start(self, ablate: Bool[Tensor, "K N"]) -> Tensor:
         """First stage each mask ablates (``none``: nothing; ``-1``: an embedding or no fast path)."""

@@ -283,6 +283,7 @@ class Wiring:
                 seen.add(name)
 
                 def keep(x: Tensor, hook: Any, _n: str = name) -> None:
+                    scratch.clear()  # only the current layer's input is read: free the earlier layers'
                     scratch[_n] = x
                 hooks.append((name, keep))
         return hooks

@@ -11,8 +11,9 @@ MODEL  ?= ioi-2l
 OUT    ?= out
 PYTEST_ARGS ?=
 SAELENS_VENV ?= .venv-saelens
+AUTOCIRCUIT_VENV ?= .venv-autocircuit
 
-.PHONY: demo test install install-test lint bench clean vllm-venv saelens-env
+.PHONY: demo test install install-test lint bench clean vllm-venv saelens-env autocircuit-env
 
 $(VENV)/.base:
 	python3 -m venv $(VENV)
@@ -40,7 +41,13 @@ $(SAELENS_VENV)/.installed: scripts/saelens_env.sh
 
 saelens-env: $(SAELENS_VENV)/.installed
 
-test: install-test saelens-env vllm-venv
+# auto-circuit (external EAP reference) needs TransformerLens 2.x: a venv of its own (scripts/compare_eap_external.py)
+$(AUTOCIRCUIT_VENV)/.installed: scripts/autocircuit_env.sh
+	bash scripts/autocircuit_env.sh $(AUTOCIRCUIT_VENV)
+
+autocircuit-env: $(AUTOCIRCUIT_VENV)/.installed
+
+test: install-test saelens-env vllm-venv autocircuit-env
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # vLLM (CPU) in a venv of its own for `circuitexplain llm serve` and the real-server tests (about 100 s)
@@ -58,4 +65,4 @@ bench: install
 	$(CE) bench patching --model greater-than-2l --out $(OUT)/bench-greater-than-2l.json
 
 clean:
-	rm -rf $(VENV) $(SAELENS_VENV) $(OUT) *.egg-info
+	rm -rf $(VENV) $(SAELENS_VENV) $(AUTOCIRCUIT_VENV) $(OUT) *.egg-info

@@ -117,8 +117,10 @@ class Patcher:
                 self.forward_passes += 1
                 part = Part(rows, sub, gather_pos(logits, sub.pos), units, replay=rp)
                 del logits
-                if rp is not None:
+                if rp is not None and not self.parts:
                     rp.verify(part.clean_logits, sub.pos)
+                elif rp is not None:  # the same calls on other prompts: the first batch's verdict holds
+                    rp.adopt(self.parts[0].replay)
                 part.metric_fn, self.metric_name = resolve_metric(metric, part.clean_logits.float())
                 part.clean_metric = part.metric_fn(part.clean_logits.float(), sub).float()
                 self.parts.append(part)

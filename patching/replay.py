@@ -216,6 +216,10 @@ class Replay:
         self._tiled.clear()
         log.debug("replay: logits %s, blocks %s, staged %s", self.logits_ok, self.block_ok, self.staged)
 
+    def adopt(self, other: Replay) -> None:
+        """Take the verdicts of ``other``, a verified recording of the same model's calls on other prompts."""
+        self.block_ok, self.staged, self.logits_ok = list(other.block_ok), list(other.staged), other.logits_ok
+
     def usable_from(self, L: int) -> bool:
         """Whether blocks ``L..`` and the logits can all be re-run."""
         return self.logits_ok and all(self.block_ok[L:])

@@ -323,11 +323,12 @@ def prepared(model: Any, *, split_qkv: bool = False, ungroup: bool = False):
 
 @contextmanager
 def _flags(model: Any, split_qkv: bool):
-    was_training = model.training
+    training = [m for m in model.modules() if m.training]  # eval() walks every module: only when needed
     flags = {"use_split_qkv_input": split_qkv, "use_attn_result": False}
     prev = {k: bool(getattr(model.cfg, k, False)) for k in flags}
     changed: list[str] = []
-    model.eval()
+    if training:
+        model.eval()
     try:
         for k, want in flags.items():
             if prev[k] != want:
@@ -339,7 +340,8 @@ def _flags(model: Any, split_qkv: bool):
             for k in reversed(changed):
                 getattr(model, f"set_{k}")(prev[k])
         finally:
-            model.train(was_training)
+            for m in training:
+                m.training = True
 
 
 __all__ = ["Wiring", "SenderGroup", "ReceiverGroup", "prepared"]

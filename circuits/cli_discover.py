@@ -172,7 +172,8 @@ def summarize(G, out: Path, wall: float) -> dict:
             "ablation": g["ablation"], "metric": g["metric"], "nodes": nodes, "nodes_total": G.number_of_nodes(),
             "edges": edges, "edges_total": total, "units": g.get("units"), "units_kept": g.get("units_kept"),
             "faithfulness": g.get("faithfulness"), "logit_diff_recovered": g.get("logit_diff_recovered"),
-            "seconds": g.get("seconds"), "wall_seconds": wall, "forward_passes": g.get("forward_passes"),
+            "seconds": g.get("seconds"), "algorithm_seconds": g.get("algorithm_seconds"), "wall_seconds": wall,
+            "forward_passes": g.get("forward_passes"),
             "ablations": g.get("ablations"), "ranking": g.get("ranking_kind"),
             "eval_prompts": g.get("eval_prompts"), "heldout_faithfulness": g.get("heldout_faithfulness"),
             "heldout_logit_diff_recovered": g.get("heldout_logit_diff_recovered")}
@@ -193,6 +194,7 @@ def format_summary(s: dict) -> str:
            f"{_num(s['heldout_logit_diff_recovered'], '.3f')} of the logit difference on {s['eval_prompts']} "
            f"prompts not used to find it"] if s.get("eval_prompts") else []),
         f"  cost       {s['forward_passes']} forward passes, {s['ablations']} ablations, "
-        f"{_num(s['seconds'], '.2f')} s",
+        f"{_num(s['seconds'], '.2f')} s ({_num(s['algorithm_seconds'], '.2f')} s discovery, the rest measuring; "
+        f"{_num(s['wall_seconds'], '.1f')} s with loading)",
         f"  saved to   {s['out']}",
     ])

@@ -177,9 +177,11 @@ def discover(model: Any, task: Any, method: str, config: DiscoveryConfig | None 
     resolve_config(algorithm, config, task.metric, graph=graph)  # raises for edge methods without edges
     log.info("discover: %s on %s/%s, %d prompts, %d nodes, %d edges", method, name, task.name, len(batch),
              len(graph.nodes), len(graph.edges))
+    t_alg = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         result = algorithm(model, graph, batch, config)
+    t_alg = time.perf_counter() - t_alg
     measure = dict(ablation=config.ablation, metric=task.metric, per_position=config.per_position,
                    chunk_size=config.chunk_size, prompt_batch=config.prompt_batch)
     faith = measure_faithfulness(model, graph, batch, result, **measure)
@@ -194,6 +196,7 @@ def discover(model: Any, task: Any, method: str, config: DiscoveryConfig | None 
         **faith, "task_metric": task.metric, "task_source": task.source or task.name, "n_prompts": len(batch),
         "units": int(result.stats.get("units", len(result.scores.ids))), "units_kept": n_kept,
         "config": json.dumps(config.provenance(), sort_keys=True), "ranking_kind": result.ranking_kind,
+        "algorithm_seconds": t_alg,
         **({"dtype": str(dtype)} if dtype else {}),
         **{f"stat_{k}": v for k, v in sorted(result.stats.items())
            if isinstance(v, int | str) or (isinstance(v, float) and math.isfinite(v))},

@@ -81,6 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prompt pairs in all, discovery + held out (default 64)")
     p.add_argument("--split", type=float, default=0.5, metavar="F",
                    help="fraction of the prompts held out for evaluation (default 0.5; 0: evaluate in-sample)")
+    p.add_argument("--cross-fit", action="store_true",
+                   help="also discover on the held-out prompts and measure on the others, and average both ways: "
+                        "in-sample minus held-out is then the overfit alone (twice the cost)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the task, the split, the methods and the random circuits")
     p.add_argument("--random-seeds", type=int, default=5, help="random circuits per size (default 5; 0: none)")
@@ -127,7 +130,8 @@ def run_circuits(args: argparse.Namespace) -> int:
                         chunk_size=args.chunk_size, device=args.device, faithfulness=fcfg, reference=args.reference,
                         positions=args.positions, acdc_taus=args.acdc_taus, acdc_metric=args.acdc_metric,
                         qk_fix=args.qk_fix, prompt_batch=args.prompt_batch, dtype=args.dtype,
-                        faithfulness_target=args.faithfulness_target, greedy_warm_start=args.greedy_warm_start)
+                        faithfulness_target=args.faithfulness_target, greedy_warm_start=args.greedy_warm_start,
+                        cross_fit=args.cross_fit)
     report = evaluate_methods(args.model, args.task, config)
     paths = write_report(report, args.out)
     if args.json:

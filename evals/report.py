@@ -90,9 +90,13 @@ def split_sentence(report: EvalReport) -> str:
     if s.get("in_sample_only"):
         return (f"All {s['n_prompts']} prompts were used both to discover and to evaluate (--split 0): every "
                 f"number is in-sample.")
-    return (f"{s['n_prompts']} prompts, split with seed {s['seed']}: methods discovered on {s['n_discovery']}, "
+    text = (f"{s['n_prompts']} prompts, split with seed {s['seed']}: methods discovered on {s['n_discovery']}, "
             f"CPR / CMD / f / KL are measured on the {s['n_heldout']} held out (a fraction {s['split']:g}); "
             f"`CPR in`, `CMD in`, `f in` on the discovery prompts (in-sample).")
+    if s.get("cross_fit"):
+        text += (" Cross-fitted: everything ran again with the two sets swapped, and the table shows the means of "
+                 "both ways (seconds and passes: sums); the plots and ROC curves are the first way's.")
+    return text
 
 
 def _markdown(report: EvalReport, paths: dict[str, Path]) -> str:

@@ -86,6 +86,9 @@ class EvalConfig:
         faithfulness_target: greedy's target and the scoring methods' default circuit size.
         greedy_warm_start: greedy starts from EAP-IG's top fraction of the edges (``None`` or 0: the full
             graph; eliminating from the full graph costs ``E^2 / 2`` masks).
+        cross_fit: run everything twice with the two prompt sets' roles swapped and average the numbers
+            (needs ``split > 0``): each average is then over measurements on both sets, so ``cpr_train -
+            cpr`` is the overfit alone, not overfit plus the difference in difficulty between two prompt sets.
     """
 
     methods: tuple[str, ...] = ("eap", "eap-ig")
@@ -107,6 +110,7 @@ class EvalConfig:
     dtype: str | None = None
     faithfulness_target: float = 0.8
     greedy_warm_start: float | None = 0.4
+    cross_fit: bool = False
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -123,6 +127,8 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.positions: choose 'all' or 'last', got {self.positions!r}")
         if self.acdc_taus < 2:
             raise ValueError(f"EvalConfig.acdc_taus must be >= 2, got {self.acdc_taus}")
+        if self.cross_fit and self.split == 0:
+            raise ValueError("EvalConfig.cross_fit (--cross-fit) needs held-out prompts (--split > 0)")
         if self.greedy_warm_start is not None and not 0 <= self.greedy_warm_start <= 1:
             raise ValueError(f"EvalConfig.greedy_warm_start must be in [0, 1], got {self.greedy_warm_start}")
 
@@ -307,14 +313,99 @@ def _batch(task: Any, model: Any, config: EvalConfig, tracr: bool, device: Any) 
     return task.batch(model.tokenizer, device=device)
 
 
-def evaluate_methods(model: str, task: str | None, config: EvalConfig) -> EvalReport:
-    """Run every method of ``config`` on ``model`` / ``task`` and evaluate them (module docstring)."""
-    from circuits.algorithms import get_algorithm, resolve_config
+def _orientation(bridge: Any, graph: Any, algorithms: list[Any], cfgs: dict, train_batch: Any, test_batch: Any,
+                 config: EvalConfig, metric: str, same: bool) -> dict[str, Any]:
+    """Discover on ``train_batch`` with every method, measure on ``test_batch`` and ``train_batch``."""
+    from circuits.algorithms import resolve_config
     from circuits.algorithms.acdc_sweep import acdc_sweep
     from circuits.algorithms.engine import patcher_options
+    from patching.exact import EdgePatcher
+
+    results, methods_info, sweeps = {}, {}, {}
+    for alg in algorithms:
+        cfg = resolve_config(alg, cfgs[alg.name], metric, graph=graph)
+        log.info("eval: running %s (%d discovery rows)", alg.name, len(train_batch))
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            if alg.name == "acdc":
+                sweeps[alg.name] = acdc_sweep(bridge, graph, train_batch, cfg, n_taus=config.acdc_taus)
+                res = replace(sweeps[alg.name].result, forward_passes=sweeps[alg.name].forward_passes,
+                              ablations=sweeps[alg.name].ablations)
+            else:
+                res = alg(bridge, graph, train_batch, cfg)
+        results[alg.name] = replace(res, seconds=time.perf_counter() - t0)
+        methods_info[alg.name] = {"level": res.level, "scoring_metric": res.scores.metric,
+                                  "ranking": ranking_label(res, config.faithfulness.ranking),
+                                  "ablations": int(res.ablations), "config": cfg.provenance(),
+                                  "kept_units": int(res.kept.sum()), "units": len(res.scores.ids)}
+    fcfg = config.faithfulness
+    importance = {m: edge_importance(graph, r, fcfg.ranking) for m, r in results.items()}
+    popts = patcher_options(EdgePatcher, cfgs[algorithms[0].name])
+
+    def curves_and_own(batch: Any) -> tuple[FaithfulnessResult, dict[str, dict[str, float]]]:
+        patcher = EdgePatcher(bridge, graph, batch, ablation=config.ablation, metric=metric,
+                              per_position=config.per_position, chunk_size=config.chunk_size, **popts)
+        faith = faithfulness_curves(patcher, batch, importance, metric=metric, config=fcfg, graph=graph)
+        own = torch.stack([circuit_edges(graph, r) for r in results.values()])
+        ev = evaluate_masks(patcher, batch, own, metric, masks_per_call=fcfg.masks_per_call)
+        return faith, {m: {"f": float(ev["faithfulness"][i]), "kl": float(ev["kl"][i])}
+                       for i, m in enumerate(results)}
+
+    faith, own_test = curves_and_own(test_batch)
+    faith_train, own_train = (faith, own_test) if same else curves_and_own(train_batch)
+    return {"results": results, "methods": methods_info, "sweeps": sweeps, "faith": faith,
+            "faith_train": faith_train, "own_test": own_test, "own_train": own_train}
+
+
+def _rows(o: dict[str, Any], graph: Any, rocs: dict[str, dict[str, ROC]], random_auc: dict[str, float],
+          has_reference: bool) -> list[dict[str, Any]]:
+    rows = []
+    faith, faith_train = o["faith"], o["faith_train"]
+    for m, r in o["results"].items():
+        auc = None
+        if m in rocs:
+            auc = rocs[m]["edge"].auc if "edge" in rocs[m] else rocs[m]["node"].auc
+            o["methods"][m]["auc_level"] = "edge" if "edge" in rocs[m] else "node"
+        c, ct = faith.curves[m], faith_train.curves[m]
+        rows.append({"method": m, "ranking": o["methods"][m]["ranking"], "cpr": c.cpr, "cmd": c.cmd,
+                     "cpr_train": ct.cpr, "cmd_train": ct.cmd, "f": o["own_test"][m]["f"],
+                     "f_train": o["own_train"][m]["f"], "kl": o["own_test"][m]["kl"], "auc": auc,
+                     "seconds": r.seconds, "forward_passes": int(r.forward_passes), "edges": circuit_edge_count(graph, r)})
+    if faith.random is not None:
+        rows.append({"method": RANDOM_ROW, "ranking": "random", "cpr": faith.random.cpr, "cmd": faith.random.cmd,
+                     "cpr_train": faith_train.random.cpr if faith_train.random else None,
+                     "cmd_train": faith_train.random.cmd if faith_train.random else None, "f": None,
+                     "f_train": None, "kl": None, "auc": random_auc.get("edge") if has_reference else None,
+                     "seconds": 0.0, "forward_passes": 0, "edges": None})
+    for row in rows:
+        assert tuple(row) == RESULT_KEYS
+    return rows
+
+
+AVERAGED = ("cpr", "cmd", "cpr_train", "cmd_train", "f", "f_train", "kl", "auc")
+SUMMED = ("seconds", "forward_passes")
+
+
+def _cross_fit_rows(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the two orientations combined: held-out / in-sample numbers and AUC averaged, cost summed, the
+    circuit size of the first orientation."""
+    out = []
+    for ra, rb in zip(a, b, strict=True):
+        row = dict(ra)
+        for k in AVERAGED:
+            row[k] = None if ra[k] is None or rb[k] is None else (ra[k] + rb[k]) / 2.0
+        for k in SUMMED:
+            row[k] = ra[k] + rb[k]
+        out.append(row)
+    return out
+
+
+def evaluate_methods(model: str, task: str | None, config: EvalConfig) -> EvalReport:
+    """Run every method of ``config`` on ``model`` / ``task`` and evaluate them (module docstring)."""
+    from circuits.algorithms import get_algorithm
     from circuits.discover import split_task
     from evals.tracr_models import is_tracr_name
-    from patching.exact import EdgePatcher
     from patching.graph import ComponentGraph
 
     algorithms = [get_algorithm(m) for m in config.methods]  # unknown names fail before any work
@@ -337,73 +428,32 @@ def evaluate_methods(model: str, task: str | None, config: EvalConfig) -> EvalRe
     train_batch = _batch(train_task, bridge, config, tracr, dev)
     test_batch = _batch(test_task, bridge, config, tracr, dev) if config.split > 0 else train_batch
     graph = ComponentGraph.from_model(bridge)
-    results, methods_info, sweeps = {}, {}, {}
-    for alg in algorithms:
-        cfg = resolve_config(alg, cfgs[alg.name], the_task.metric, graph=graph)
-        log.info("eval: running %s on %s / %s", alg.name, model, the_task.name)
-        t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            if alg.name == "acdc":
-                sweeps[alg.name] = acdc_sweep(bridge, graph, train_batch, cfg, n_taus=config.acdc_taus)
-                res = replace(sweeps[alg.name].result, forward_passes=sweeps[alg.name].forward_passes,
-                              ablations=sweeps[alg.name].ablations)
-            else:
-                res = alg(bridge, graph, train_batch, cfg)
-        results[alg.name] = replace(res, seconds=time.perf_counter() - t0)
-        methods_info[alg.name] = {"level": res.level, "scoring_metric": res.scores.metric,
-                                  "ranking": ranking_label(res, config.faithfulness.ranking),
-                                  "ablations": int(res.ablations), "config": cfg.provenance(),
-                                  "kept_units": int(res.kept.sum()), "units": len(res.scores.ids)}
-    fcfg = config.faithfulness
-    importance = {m: edge_importance(graph, r, fcfg.ranking) for m, r in results.items()}
     metric = the_task.metric
-    popts = patcher_options(EdgePatcher, cfgs[algorithms[0].name])
-
-    def curves_and_own(batch: Any) -> tuple[FaithfulnessResult, dict[str, dict[str, float]]]:
-        patcher = EdgePatcher(bridge, graph, batch, ablation=config.ablation, metric=metric,
-                              per_position=config.per_position, chunk_size=config.chunk_size, **popts)
-        faith = faithfulness_curves(patcher, batch, importance, metric=metric, config=fcfg, graph=graph)
-        own = torch.stack([circuit_edges(graph, r) for r in results.values()])
-        ev = evaluate_masks(patcher, batch, own, metric, masks_per_call=fcfg.masks_per_call)
-        return faith, {m: {"f": float(ev["faithfulness"][i]), "kl": float(ev["kl"][i])}
-                       for i, m in enumerate(results)}
-
-    faith, own_test = curves_and_own(test_batch)
-    faith_train, own_train = curves_and_own(train_batch) if config.split > 0 else (faith, own_test)
+    o = _orientation(bridge, graph, algorithms, cfgs, train_batch, test_batch, config, metric, config.split == 0)
+    fcfg = config.faithfulness
     reference = reference_for(model, bridge, graph, train_batch, ablation=config.ablation, kind=config.reference)
-    rocs: dict[str, dict[str, ROC]] = {}
+
+    def rocs_of(o: dict[str, Any]) -> dict[str, dict[str, ROC]]:
+        if reference is None:
+            return {}
+        return {m: (sweep_rocs(graph, o["sweeps"][m].circuits, reference) if m in o["sweeps"]
+                    else method_rocs(graph, r, reference)) for m, r in o["results"].items()}
+
     random_auc: dict[str, float] = {}
     if reference is not None:
-        rocs = {m: (sweep_rocs(graph, sweeps[m].circuits, reference) if m in sweeps else method_rocs(graph, r, reference))
-                for m, r in results.items()}
         random_auc = _random_auc(graph, reference, [fcfg.seed + i for i in range(max(fcfg.random_seeds, 1))])
-    rows = []
-    for m, r in results.items():
-        auc = None
-        if m in rocs:
-            auc = rocs[m]["edge"].auc if "edge" in rocs[m] else rocs[m]["node"].auc
-            methods_info[m]["auc_level"] = "edge" if "edge" in rocs[m] else "node"
-        c, ct = faith.curves[m], faith_train.curves[m]
-        rows.append({"method": m, "ranking": methods_info[m]["ranking"], "cpr": c.cpr, "cmd": c.cmd,
-                     "cpr_train": ct.cpr, "cmd_train": ct.cmd, "f": own_test[m]["f"], "f_train": own_train[m]["f"],
-                     "kl": own_test[m]["kl"], "auc": auc, "seconds": r.seconds,
-                     "forward_passes": int(r.forward_passes), "edges": circuit_edge_count(graph, r)})
-    if faith.random is not None:
-        rows.append({"method": RANDOM_ROW, "ranking": "random", "cpr": faith.random.cpr, "cmd": faith.random.cmd,
-                     "cpr_train": faith_train.random.cpr if faith_train.random else None,
-                     "cmd_train": faith_train.random.cmd if faith_train.random else None, "f": None,
-                     "f_train": None, "kl": None, "auc": random_auc.get("edge") if reference is not None else None,
-                     "seconds": 0.0, "forward_passes": 0, "edges": None})
-    for row in rows:
-        assert tuple(row) == RESULT_KEYS
+    rocs = rocs_of(o)
+    rows = _rows(o, graph, rocs, random_auc, reference is not None)
+    if config.cross_fit:  # the same with the roles of the two prompt sets swapped, then averaged
+        o2 = _orientation(bridge, graph, algorithms, cfgs, test_batch, train_batch, config, metric, False)
+        rows = _cross_fit_rows(rows, _rows(o2, graph, rocs_of(o2), random_auc, reference is not None))
     split = {"split": config.split, "seed": config.seed, "n_prompts": len(the_task),
              "n_discovery": len(train_task), "n_heldout": len(test_task) if config.split > 0 else 0,
              "rows_discovery": len(train_batch), "rows_heldout": len(test_batch),
-             "in_sample_only": config.split == 0}
-    return EvalReport(model=model, task=the_task.name, config=config, rows=rows, faithfulness=faith,
-                      faithfulness_train=faith_train, rocs=rocs, random_rocs=random_auc, reference=reference,
-                      methods=methods_info, split=split, sweeps=sweeps)
+             "in_sample_only": config.split == 0, "cross_fit": config.cross_fit}
+    return EvalReport(model=model, task=the_task.name, config=config, rows=rows, faithfulness=o["faith"],
+                      faithfulness_train=o["faith_train"], rocs=rocs, random_rocs=random_auc, reference=reference,
+                      methods=o["methods"], split=split, sweeps=o["sweeps"])
 
 
 __all__ = ["EvalConfig", "EvalReport", "RESULT_KEYS", "evaluate_methods", "edge_importance", "circuit_edges",

@@ -86,7 +86,7 @@ def test_eval_cli_without_reference_writes_exact_keys(tmp_path, capsys):
     assert rows[0]["cpr"] != rows[0]["cpr_train"]  # two different prompt sets
     details = json.loads((out / "details.json").read_text())
     assert details["split"] == {"split": 0.5, "seed": 0, "n_prompts": 16, "n_discovery": 8, "n_heldout": 8,
-                                "rows_discovery": 8, "rows_heldout": 8, "in_sample_only": False}
+                                "rows_discovery": 8, "rows_heldout": 8, "in_sample_only": False, "cross_fit": False}
     assert (out / "faithfulness.png").exists() and (out / "faithfulness_train.png").exists()
     assert not (out / "roc.png").exists()
     printed = capsys.readouterr().out
@@ -96,6 +96,8 @@ def test_eval_cli_without_reference_writes_exact_keys(tmp_path, capsys):
 def test_held_out_numbers_are_measured_on_prompts_discovery_never_saw(zoo_model):
     """eval's held-out CPR is the discovery prompts' ranking measured on the held-out prompts; discovering on
     the held-out prompts themselves (the leak the split prevents) gives a different number."""
+    from dataclasses import replace
+
     from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config
     from circuits.discover import split_task
     from circuits.tasks import get_task
@@ -123,6 +125,10 @@ def test_held_out_numbers_are_measured_on_prompts_discovery_never_saw(zoo_model)
     assert row["cpr"] == pytest.approx(cpr_of(train, test), abs=1e-9)
     assert row["cpr_train"] == pytest.approx(cpr_of(train, train), abs=1e-9)
     assert abs(row["cpr"] - cpr_of(test, test)) > 1e-6
+    # cross-fitting: the mean of both ways, so both averages cover both prompt sets
+    both = evaluate_methods("ioi-2l", "ioi", replace(cfg, cross_fit=True)).rows[0]
+    assert both["cpr"] == pytest.approx((cpr_of(train, test) + cpr_of(test, train)) / 2, abs=1e-9)
+    assert both["cpr_train"] == pytest.approx((cpr_of(train, train) + cpr_of(test, test)) / 2, abs=1e-9)
 
 
 def test_eval_circuit_at_size_k_is_discovers_topk_circuit(ioi):

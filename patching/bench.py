@@ -15,13 +15,22 @@ one mask. Measured (wall clock, best of ``repeats``):
 * ``plain_forward_s_per_example``: an unhooked forward on the ``B`` clean prompts, divided by ``B``;
 * ``eap_forward_backward_units`` / ``eap_ig_forward_backward_units``: wall time of :func:`eap` /
   :func:`eap_ig` (setup included) in units of one forward + backward (parameter gradients of the
-  metric) on the ``B`` clean prompts.
+  metric) on the ``B`` clean prompts; ``edge_scores_s`` / ``eap_ig_s`` the same wall times in seconds
+  (every edge of the graph scored);
+* ``peak_rss_bytes``: the process's peak resident memory at the end (model, graph and every run above);
+  with a ``memory_batch`` (``--memory-n``), ``eap_ig_memory_peak_rss_bytes`` is the peak while EAP-IG runs
+  on that many prompts in one prompt batch (the peak is reset first, so it counts the model as well).
+
+``max_ablations`` times a seeded sample of the heads / MLPs instead of all of them (same sample for the
+naive and the batched figure), for models where one forward per node takes minutes in all. ``chunk=None``
+lets the patchers plan masks per forward to their memory budget.
 
 Per-example ratios compare ``batched_s_per_ablation / B`` with ``plain_forward_s_per_example``.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -30,11 +39,12 @@ from typing import Any
 
 import torch
 
-from patching.ablation import ablation_values
+from patching.ablation import ablation_values, bos_token_id
 from patching.attribution import eap, eap_ig
 from patching.batch import TaskBatch
 from patching.exact import EdgePatcher, NodePatcher
 from patching.graph import ComponentGraph
+from patching.memory import fmt_bytes, peak_rss_bytes, reset_peak_rss
 from patching.metrics import gather_pos, get_metric
 from patching.wiring import Wiring, prepared
 
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 
 KEYS = ("naive_s_per_ablation", "batched_s_per_ablation", "batched_edge_s_per_ablation",
         "plain_forward_s_per_example", "eap_forward_backward_units", "eap_ig_forward_backward_units")
+SCALE_KEYS = ("peak_rss_bytes", "n_edges", "edge_scores_s", "eap_ig_s")
 
 
 @dataclass(frozen=True)
@@ -50,11 +61,13 @@ class BenchConfig:
 
     ablation: str = "resample"
     metric: str = "logit_diff"
-    chunk: int = 32
+    chunk: int | None = 32
     n_edge_masks: int = 64
     repeats: int = 5
     ig_steps: int = 5
     seed: int = 0
+    max_ablations: int | None = None
+    prompt_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,11 +91,14 @@ def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     return best
 
 
-def _naive(model: Any, wiring: Wiring, batch: TaskBatch, abl: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """One hooked forward per head / MLP / block: the loop the engine replaces."""
+def _naive(model: Any, wiring: Wiring, batch: TaskBatch, abl: dict[str, torch.Tensor],
+           nodes: set[str]) -> Callable[[], None]:
+    """One hooked forward per head / MLP / block in ``nodes``: the loop the engine replaces."""
     jobs: list[list[tuple[str, Callable[..., Any]]]] = []
     for g in wiring.senders:
         for u in range(g.n if g.kind in ("heads", "mlp", "block") else 0):
+            if wiring.graph.nodes[int(g.node_idx[u])].id not in nodes:
+                continue
             value = abl[g.key][..., u, :]
             if g.kind == "heads":
                 def fn(x: torch.Tensor, hook: Any, _u: int = u, _v: torch.Tensor = value) -> torch.Tensor:
@@ -105,25 +121,31 @@ def _naive(model: Any, wiring: Wiring, batch: TaskBatch, abl: dict[str, torch.Te
     return run
 
 
-def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConfig()) -> dict[str, Any]:
+def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConfig(),
+                   memory_batch: TaskBatch | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring); returns the figures as a json-able dict."""
     torch.manual_seed(config.seed)
+    t0 = time.perf_counter()
     graph = ComponentGraph.from_model(model)
     B = len(batch)
     out: dict[str, Any] = {"model": graph.meta.get("model", ""), "batch_size": B, "positions": int(batch.clean.shape[1]),
                            "chunk": config.chunk, "torch_threads": torch.get_num_threads(),
-                           "n_nodes": graph.n_nodes, "n_edges": graph.n_edges,
+                           "n_nodes": graph.n_nodes, "n_edges": graph.n_edges, "graph_s": time.perf_counter() - t0,
                            "qkv_path": graph.meta.get("qkv_path"), "config": config.to_dict()}
-    npatch = NodePatcher(model, graph, batch, ablation=config.ablation, metric=config.metric, chunk_size=config.chunk)
-    wpatch = NodePatcher(model, graph, batch, ablation=config.ablation, metric=config.metric, chunk_size=config.chunk,
-                         suffix=False)
+    opts = dict(ablation=config.ablation, metric=config.metric, chunk_size=config.chunk,
+                prompt_batch=config.prompt_batch)
+    npatch = NodePatcher(model, graph, batch, **opts)
+    wpatch = NodePatcher(model, graph, batch, suffix=False, **opts)
     w, b = npatch.wiring, npatch.batch
     with torch.no_grad(), prepared(model):
-        abl, _ = ablation_values(w, b, npatch.clean_units, config.ablation)
-    naive = _naive(model, w, b, abl)
-    n_naive = sum(1 for n in graph.nodes if n.kind in ("attn_head", "mlp", "block"))
+        abl, _ = ablation_values(w, b, npatch.clean_units, config.ablation, bos=bos_token_id(model))
     ablatable = [i for i, n in enumerate(graph.nodes) if n.kind in ("attn_head", "mlp", "block")]
-    reps = max(1, -(-config.chunk // len(ablatable)))
+    if config.max_ablations is not None and config.max_ablations < len(ablatable):
+        pick = torch.randperm(len(ablatable), generator=torch.Generator().manual_seed(config.seed))
+        ablatable = sorted(ablatable[i] for i in pick[:config.max_ablations].tolist())
+    naive = _naive(model, w, b, abl, {graph.nodes[i].id for i in ablatable})
+    n_naive = len(ablatable)
+    reps = max(1, -(-(config.chunk or 1) // len(ablatable)))
     cols = torch.tensor(ablatable * reps)
     masks = torch.zeros(len(cols), graph.n_nodes, dtype=torch.bool)
     masks[torch.arange(len(cols)), cols] = True
@@ -140,14 +162,14 @@ def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConf
         "unit": in_eval(lambda: _forward_backward(model, b, config.metric)),
     }
     if graph.supports_edges:
-        epatch = EdgePatcher(model, graph, batch, ablation=config.ablation, metric=config.metric,
-                             chunk_size=config.chunk)
+        epatch = EdgePatcher(model, graph, batch, **opts)
         g = torch.Generator().manual_seed(config.seed)
         emasks = torch.rand(config.n_edge_masks, graph.n_edges, generator=g) < 0.5
         fns["edge"] = lambda: epatch.run(emasks)
-        fns["eap"] = lambda: eap(model, graph, batch, ablation=config.ablation, metric=config.metric)
+        fns["eap"] = lambda: eap(model, graph, batch, ablation=config.ablation, metric=config.metric,
+                                 prompt_batch=config.prompt_batch)
         fns["eap_ig"] = lambda: eap_ig(model, graph, batch, ablation=config.ablation, metric=config.metric,
-                                       steps=config.ig_steps)
+                                       steps=config.ig_steps, prompt_batch=config.prompt_batch)
     t = _timed(fns, config.repeats)
     out["naive_s_per_ablation"] = t["naive"] / n_naive
     out["batched_s_per_ablation"] = t["node"] / len(cols)
@@ -162,10 +184,21 @@ def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConf
                                                     / out["plain_forward_s_per_example"])
         out["eap_forward_backward_units"] = t["eap"] / t["unit"]
         out["eap_ig_forward_backward_units"] = t["eap_ig"] / t["unit"]
+        out["edge_scores_s"], out["eap_ig_s"] = t["eap"], t["eap_ig"]
+        if memory_batch is not None:
+            del epatch
+            gc.collect()
+            out["peak_rss_bytes"] = peak_rss_bytes()  # the peak so far: the reset below starts a new one
+            reset_peak_rss()
+            eap_ig(model, graph, memory_batch, ablation=config.ablation, metric=config.metric, steps=config.ig_steps)
+            out["eap_ig_memory_prompts"] = len(memory_batch)
+            out["eap_ig_memory_peak_rss_bytes"] = peak_rss_bytes()
     else:
-        for k in ("batched_edge_s_per_ablation", "eap_forward_backward_units", "eap_ig_forward_backward_units"):
+        for k in ("batched_edge_s_per_ablation", "eap_forward_backward_units", "eap_ig_forward_backward_units",
+                  "edge_scores_s", "eap_ig_s"):
             out[k] = None
         out["note"] = graph.meta.get("edge_reason", "")
+    out["peak_rss_bytes"] = max(out.get("peak_rss_bytes", 0), peak_rss_bytes())
     return out
 
 
@@ -184,13 +217,15 @@ def format_table(result: dict[str, Any]) -> str:
     """The figures as an aligned two-column table."""
     rows = [(k, result.get(k)) for k in (*KEYS, "batched_whole_forward_s_per_ablation", "naive_vs_batched_speedup",
                                          "batched_node_vs_plain_per_example",
-                                         "batched_edge_vs_plain_per_example", "forward_backward_s")]
+                                         "batched_edge_vs_plain_per_example", "forward_backward_s", *SCALE_KEYS,
+                                         "eap_ig_memory_prompts", "eap_ig_memory_peak_rss_bytes")
+            if k in result]
     width = max(len(k) for k, _ in rows)
     lines = [f"{result.get('model', '')}: batch {result.get('batch_size')} x {result.get('positions')} tokens, "
              f"chunk {result.get('chunk')}, {result.get('torch_threads')} torch threads"]
     for k, v in rows:
-        lines.append(f"  {k:<{width}}  {'n/a' if v is None else f'{v:.4g}'}")
+        lines.append(f"  {k:<{width}}  {'n/a' if v is None else fmt_bytes(v) if k.endswith('bytes') else f'{v:.4g}'}")
     return "\n".join(lines)
 
 
-__all__ = ["BenchConfig", "bench_patching", "format_table", "KEYS"]
+__all__ = ["BenchConfig", "bench_patching", "format_table", "KEYS", "SCALE_KEYS"]

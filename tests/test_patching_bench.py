@@ -49,3 +49,15 @@ def test_bench_cli_on_zoo_model(tmp_path, capsys):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.main(["--model", "ioi-2l", "--out", str(out), "--chunk", "0"]) == 2
+
+
+def test_bench_scale_figures_sampled_ablations_and_memory_batch():
+    from patching.bench import SCALE_KEYS
+
+    cfg = BenchConfig(chunk=None, n_edge_masks=2, repeats=1, ig_steps=2, max_ablations=3, prompt_batch=2)
+    r = bench_patching(gpt2_bridge(), random_batch(B=4, P=8), cfg, memory_batch=random_batch(B=6, P=8, seed=1))
+    for k in (*KEYS, *SCALE_KEYS, "eap_ig_memory_peak_rss_bytes"):
+        assert isinstance(r[k], (int, float)) and r[k] > 0, k
+    assert r["n_edges"] == 137 and r["eap_ig_memory_prompts"] == 6 and r["config"]["max_ablations"] == 3
+    assert r["peak_rss_bytes"] >= r["eap_ig_memory_peak_rss_bytes"] > 0
+    assert "peak_rss_bytes" in format_table(r) and "MiB" in format_table(r)

@@ -68,6 +68,22 @@ def test_elimination_to_empty_ranks_every_edge_by_hand():
     assert stats["faithfulness_final"] == pytest.approx(10 / 10.5) and stats["ranked_to_empty"] == 1
 
 
+def test_multi_removal_by_hand():
+    # total 10.8, target 0.8 needs >= 8.64. Single removals that keep it, best first: edge 3 (-0.5 -> 11.3),
+    # 5 (0.1), 6 (0.2), 1 (1.0), 4 (2.0). Joint prefixes of 2, 4, 5: 11.2, 10.0, 8.0 -> the first 4 go in one
+    # step; then no single removal keeps the target: {0, 2, 4} (10.0), as one-at-a-time elimination finds here.
+    w = [5.0, 1.0, 3.0, -0.5, 2.0, 0.1, 0.2]
+    m = Additive(w)
+    kept, effect, step, stats = eliminate(m, no_pruning, torch.ones(7, dtype=torch.bool), 0.8, multi=True)
+    assert kept.tolist() == [True, False, True, False, True, False, False]
+    assert step.tolist() == [math.inf, 0.0, math.inf, 0.0, math.inf, 0.0, 0.0]  # all four in the first step
+    assert effect.tolist() == pytest.approx([-5.0, -1.0, -3.0, 0.5, -2.0, -0.1, -0.2])
+    assert stats["steps"] == 4 and stats["multi_removal"] == 1 and stats["faithfulness_final"] == pytest.approx(10 / 10.8)
+    one = Additive(w)
+    kept1, _, _, _ = eliminate(one, no_pruning, torch.ones(7, dtype=torch.bool), 0.8)
+    assert torch.equal(kept, kept1) and m.calls < one.calls
+
+
 def test_eliminate_breaks_ties_by_edge_index_and_stops_at_the_target():
     m = Additive([1.0, 1.0, 1.0, 1.0])
     kept, _, _, stats = eliminate(m, no_pruning, torch.ones(4, dtype=torch.bool), 0.5)
@@ -176,6 +192,23 @@ def test_kl_metric_and_target(induction):
     res = ALGORITHMS["greedy"](model, graph, batch, DiscoveryConfig(metric="kl", faithfulness_target=0.9))
     assert res.scores.metric == "kl" and res.stats["faithfulness_target"] == 0.9
     assert res.stats["faithfulness_final"] >= 0.9 and res.stats["metric_clean"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_multi_removal_on_a_model_reaches_the_target_and_is_locally_minimal(induction):
+    from patching.exact import EdgePatcher
+
+    model, graph, task = induction
+    batch = task.batch(model.tokenizer, "cpu")
+    res = ALGORITHMS["greedy"](model, graph, batch, DiscoveryConfig(metric="logit_diff", multi_removal=True))
+    one = ALGORITHMS["greedy"](model, graph, batch, DiscoveryConfig(metric="logit_diff"))
+    assert res.stats["faithfulness_final"] >= 0.8 and res.ablations < one.ablations
+    p = EdgePatcher(model, graph, batch, ablation="resample", metric="logit_diff")
+    full, empty = float(p.clean_metric.double().mean()), float(p.ablated_metric.double().mean())
+    edges = torch.nonzero(res.kept).flatten()
+    minus = res.kept.repeat(len(edges), 1)
+    minus[torch.arange(len(edges)), edges] = False
+    faith = ((p.run(~minus).double().mean(-1) - empty) / (full - empty)).tolist()
+    assert all(f < 0.8 for f in faith)
 
 
 def test_threshold_is_rejected(induction):

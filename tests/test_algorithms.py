@@ -307,7 +307,11 @@ def test_tau_sweep_equals_a_fresh_acdc_run_per_tau_and_reuses_work():
         if keeping:
             assert rank[e] == pytest.approx(max(keeping) + len(keeping) / (len(taus) + 1))
         else:
-            assert rank[e] == -math.inf
+            assert rank[e] == -1.0
+    # with the effects: never-kept edges by |effect| in (-1, 0), untried (NaN) at -1; kept edges unchanged
+    C2 = torch.tensor([[True, False, False, False], [True, True, False, False]])
+    ranked = sweep_ranking([0.1, 0.2], C2, torch.tensor([0.1, -0.3, -2.0, float("nan")], dtype=torch.float64))
+    assert ranked.tolist() == pytest.approx([1 + 2 / 3, 1 + 1 / 3, -1 + 2 / 3, -1.0])
 
 
 def test_default_taus_span_the_metric_range_and_contain_the_default():
@@ -330,6 +334,8 @@ def test_default_taus_span_the_metric_range_and_contain_the_default():
     ("eap", DiscoveryConfig(warm_start=10), "takes no warm start"),
     ("acdc", DiscoveryConfig(topk=10), "--topk does not apply"),
     ("eap", DiscoveryConfig(metric="bleu"), "unknown metric 'bleu'"),
+    ("node-atp", DiscoveryConfig(qk_fix=True), "--qk-fix applies to the edge attribution methods"),
+    ("acdc", DiscoveryConfig(qk_fix=True), "--qk-fix applies to the edge attribution methods"),
 ])
 def test_inapplicable_requests_are_one_line_errors(method, config, msg):
     with pytest.raises(ValueError, match=re.escape(msg)) as e:
@@ -402,3 +408,20 @@ def test_connected_prefixes_equal_top_connected_per_size():
         for i, k in enumerate(counts):
             assert torch.equal(got[i], top_connected(g, s, k)), (seed, k)
             assert int(got[i].sum()) <= k
+
+
+def test_acdc_resume_with_a_warm_start_gives_the_same_result(tmp_path):
+    g = two_layer_graph(heads=2)
+    removed0 = torch.rand(len(g.edges), generator=torch.Generator().manual_seed(9)) < 0.4
+    ckpt = tmp_path / "state.json"
+    cfg = DiscoveryConfig(threshold=0.05, window=2, checkpoint=str(ckpt), resume=True)
+    full_kept, full_effect, _, _ = run_acdc(QuadraticPatcher(len(g.edges), 4, 0.05), g,
+                                            DiscoveryConfig(threshold=0.05, window=2), removed=removed0)
+    with pytest.raises(KeyboardInterrupt):
+        run_acdc(QuadraticPatcher(len(g.edges), 4, 0.05, fail_after=8), g, cfg, fingerprint="w", removed=removed0)
+    saved = json.loads(ckpt.read_text())
+    assert (saved["next_receiver"], saved["next_edge"]) != (0, 0) and saved["next_receiver"] < len(acdc_receivers(g))
+    kept, effect, _, _ = run_acdc(QuadraticPatcher(len(g.edges), 4, 0.05), g, cfg, fingerprint="w", removed=removed0)
+    assert torch.equal(kept, full_kept)
+    both = ~torch.isnan(full_effect)
+    assert torch.equal(both, ~torch.isnan(effect)) and torch.allclose(effect[both], full_effect[both])

@@ -104,6 +104,13 @@ def final_norm_direction(model: Any, direction: Float[Tensor, "... d_model"], fi
     return d * weight if weight is not None else d
 
 
+def _raw(module: Any) -> Any:
+    """The HF module inside a bridge component: calling it applies the model's own norm without the bridge's
+    hooks (a bridge ``ln1`` records its input for the attention's split-qkv path, a side effect we avoid)."""
+    inner = getattr(module, "_original_component", None)
+    return inner if inner is not None else module
+
+
 def _norm_weight(module: Any) -> Tensor | None:
     inner = getattr(module, "_original_component", module)
     w = getattr(inner, "weight", None)
@@ -129,7 +136,8 @@ def input_tokens(model: Any, read: Float[Tensor, "... d_model"], *, norm: Callab
     """Tokens whose embedding ``e`` maximises ``norm(e) . read`` (``norm``: the model's norm module in front
     of the unit, e.g. ``model.blocks[L].ln2``; ``None`` for a direction read from the raw residual)."""
     r = _check_direction(model, read, "read direction")
-    return _top(model, _embedding_scores(model, lambda x: (norm(x) if norm is not None else x) @ r, chunk), k, True)
+    f = _raw(norm) if norm is not None else None
+    return _top(model, _embedding_scores(model, lambda x: (f(x) if f is not None else x) @ r, chunk), k, True)
 
 
 def _embedding_scores(model: Any, f: Callable[[Tensor], Tensor], chunk: int) -> Tensor:
@@ -160,7 +168,7 @@ def neuron_input_tokens(model: Any, layer: int, index: int, *, k: int = 10, chun
     b_in = _bias(model, "b_in", layer, index)
     gated = bool(getattr(model.cfg, "gated_mlp", False))
     w_gate = model.W_gate[layer][:, index].detach().to(torch.float32) if gated else None
-    ln2 = model.blocks[layer].ln2
+    ln2 = _raw(model.blocks[layer].ln2)
 
     def f(x: Tensor) -> Tensor:
         h = ln2(x).to(torch.float32)
@@ -198,7 +206,7 @@ def ov_circuit(model: Any, layer: int, head: int, *, k: int = 10, final_norm: st
         W_out = W_out * gain
     # factorised through d_head: logits[s] = (ln1(W_E[s]) W_V) (W_O g W_U), V x d_head x V multiply-adds
     right = W_out @ model.W_U.detach().to(torch.float32)  # [d_head, V]
-    ln1 = model.blocks[layer].ln1
+    ln1 = _raw(model.blocks[layer].ln1)
     W_E = model.W_E.detach().to(torch.float32)
     src_ids = torch.arange(W_E.shape[0]) if sources is None else torch.as_tensor(list(sources), dtype=torch.long)
     if src_ids.numel() == 0 or int(src_ids.min()) < 0 or int(src_ids.max()) >= W_E.shape[0]:

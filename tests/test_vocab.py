@@ -36,7 +36,7 @@ def test_neuron_input_tokens_match_the_mlp_module_on_embeddings(zoo_model):
     m = zoo_model("ioi-2l")  # gated SiLU MLP
     cap = []
     with torch.no_grad(), m.hooks(fwd_hooks=[("blocks.1.mlp.hook_post", lambda a, hook=None: cap.append(a))]):
-        m.blocks[1].mlp(m.blocks[1].ln2(m.W_E[None]))
+        m.blocks[1].mlp(m.blocks[1].ln2(m.W_E.detach()[None]))
     ref = cap[0][0, :, 7]
     tw = vocab.neuron_input_tokens(m, 1, 7, k=8)
     assert list(tw.ids) == torch.topk(ref, 8).indices.tolist()
@@ -53,7 +53,8 @@ def test_ov_circuit_matches_the_full_matrix(zoo_model, name):
     m = zoo_model(name)
     layer, head = 1, 2
     with torch.no_grad():
-        out = m.blocks[layer].ln1(m.W_E) @ m.W_V[layer, head] @ m.W_O[layer, head]
+        # the HF norm module itself: the bridge's ln1 would record its input (a side effect on a shared model)
+        out = m.blocks[layer].ln1._original_component(m.W_E.detach()) @ m.W_V[layer, head] @ m.W_O[layer, head]
         if m.cfg.normalization_type == "LN":
             out = out - out.mean(-1, keepdim=True)
         inner = getattr(m.ln_final, "_original_component", m.ln_final)
@@ -84,7 +85,7 @@ def test_gqa_heads_use_their_value_head(smollm2):
     ov = vocab.ov_circuit(smollm2, 3, 4, k=4, sources=ids)
     assert ov.meta["value_head"] == 1
     with torch.no_grad():
-        x = smollm2.blocks[3].ln1(smollm2.W_E[ids]) @ smollm2.W_V[3, 1] @ smollm2.W_O[3, 4]
+        x = smollm2.blocks[3].ln1._original_component(smollm2.W_E[ids]) @ smollm2.W_V[3, 1] @ smollm2.W_O[3, 4]
         full = (x * smollm2.ln_final._original_component.weight) @ smollm2.W_U
     assert [p[1] for p in ov.pairs] == [smollm2.tokenizer.decode([int(full[i].argmax())])
                                         for i in torch.topk(full.max(-1).values, 4).indices]

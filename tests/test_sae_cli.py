@@ -65,10 +65,12 @@ def test_sae_train_then_metrics_end_to_end(tmp_path):
     assert (out / "sae_weights.safetensors").read_bytes() == w
 
 
-def test_sae_collect_and_one_line_errors(tmp_path):
-    res = run("sae", "collect", "--model", "ioi-2l", "--hooks", "blocks.0.hook_resid_post,blocks.1.mlp.hook_post",
-              "--tokens", "500", "--seq-len", "16", "--out", tmp_path / "s", "--no-progress")
-    assert "500 tokens x 2 hook(s)" in res.stdout
+def test_sae_collect_and_one_line_errors(tmp_path, capsys):
+    from circuits.cli import main
+
+    assert main(["sae", "collect", "--model", "ioi-2l", "--hooks", "blocks.0.hook_resid_post,blocks.1.mlp.hook_post",
+                 "--tokens", "500", "--seq-len", "16", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert "500 tokens x 2 hook(s)" in capsys.readouterr().out
     assert ActivationStore(tmp_path / "s").n_rows == 500
     for args, msg in [
         (["train", "--model", "ioi-2l", "--hook", HOOK, "--arch", "topk", "--centring", "mean", "--width", "64",
@@ -80,6 +82,6 @@ def test_sae_collect_and_one_line_errors(tmp_path):
         (["collect", "--model", "ioi-2l", "--hooks", HOOK, "--tokens", "10", "--corpus", "nothing-here.txt",
           "--out", tmp_path / "y"], "corpus 'nothing-here.txt'"),
     ]:
-        res = run("sae", *args, ok=False)
-        assert res.returncode == 2 and msg in res.stderr, res.stderr
-        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert main(["sae", *map(str, args)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err

@@ -176,6 +176,7 @@ def summarize(G, out: Path, wall: float) -> dict:
             "edges": edges, "edges_total": total, "units": g.get("units"), "units_kept": g.get("units_kept"),
             "faithfulness": g.get("faithfulness"), "logit_diff_recovered": g.get("logit_diff_recovered"),
             "seconds": g.get("seconds"), "algorithm_seconds": g.get("algorithm_seconds"), "wall_seconds": wall,
+            "cpu_seconds": time.process_time(),
             "forward_passes": g.get("forward_passes"),
             "ablations": g.get("ablations"), "ranking": g.get("ranking_kind"),
             "eval_prompts": g.get("eval_prompts"), "heldout_faithfulness": g.get("heldout_faithfulness"),

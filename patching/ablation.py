@@ -106,7 +106,7 @@ class Ablator:
             size = self.prompt_batch or len(ref)
             for i in range(0, len(ref), size):
                 sub = trimmed(ref[i:i + size])
-                _, store = self.wiring.capture(sub.clean)
+                _, store = self.wiring.capture(sub.clean, logits=False)
                 runs += 1
                 add(sub, store)
         if not sums:
@@ -120,7 +120,7 @@ class Ablator:
         if self.ablation == "zero":
             return {k: torch.zeros_like(v[:1, :1]) for k, v in clean.items()}, 0
         if self.ablation == "resample":
-            _, store = self.wiring.capture(batch.corrupt)
+            _, store = self.wiring.capture(batch.corrupt, logits=False)
             return store, 1
         if not self._means:
             raise RuntimeError("Ablator.values: call fit() first for mean ablation")

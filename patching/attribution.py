@@ -40,12 +40,12 @@ from torch import Tensor
 from patching.ablation import Ablator, bos_token_id, check_ablation, trimmed
 from patching.batch import TaskBatch
 from patching.graph import ComponentGraph
-from patching.metrics import Metric, gather_pos
+from patching.metrics import Metric
 from patching.parts import check_prompt_batch, prompt_slices
 from patching.patcher import resolve_metric
 from patching.qkfix import QKFix
 from patching.scores import Scores, unit_ids
-from patching.wiring import Hook, Wiring, prepared
+from patching.wiring import Hook, Wiring, forward_logits, prepared
 
 GRADIENT_METHODS = ("atp", "eap", "eap_ig")
 _METHOD_ALIASES = {"node_atp": "atp", "node-atp": "atp", "eap-ig": "eap_ig"}
@@ -121,7 +121,7 @@ class _Setup:
                 stores = []
                 if self.ablator.reference is None:
                     for sub in self.parts():
-                        stores.append((sub, self.wiring.capture(sub.clean)[1]))
+                        stores.append((sub, self.wiring.capture(sub.clean, logits=False)[1]))
                         self.forward_passes += 1
                 self.forward_passes += self.ablator.fit(stores)
             self._fitted = True
@@ -139,9 +139,9 @@ class _Setup:
         """Clean forward without gradients: logits at pos and every sender's units."""
         store: dict[str, Tensor] = {}
         scratch: dict[str, Tensor] = {}
-        with torch.no_grad(), self.prepared(), self.model.hooks(
-                fwd_hooks=self.wiring.capture_hooks(store, scratch) + (extra or [])):
-            logits = gather_pos(self.model(sub.clean), sub.pos)
+        with torch.no_grad(), self.prepared():
+            logits = forward_logits(self.model, self.wiring.graph.meta, sub.clean,
+                                    self.wiring.capture_hooks(store, scratch) + (extra or []), pos=sub.pos)
         self.forward_passes += 1
         return logits, store
 
@@ -189,6 +189,12 @@ def _probe_hooks(setup: _Setup, *, record: dict[str, Tensor] | None, sender_prob
     return hooks
 
 
+def _logits_at_pos(setup: _Setup, sub: TaskBatch, hooks: list[Hook]) -> Tensor:
+    """Next-token logits at ``pos`` of a forward with ``hooks`` (unembedded there only when the model allows;
+    :func:`patching.wiring.forward_logits`)."""
+    return forward_logits(setup.model, setup.wiring.graph.meta, sub.clean, hooks, pos=sub.pos)
+
+
 def _metric_total(setup: _Setup, logits: Tensor, sub: TaskBatch, clean_logits: Tensor) -> Tensor:
     fn, setup.metric_name = resolve_metric(setup.metric, clean_logits.float())
     return fn(logits.float(), sub).float().sum()
@@ -213,9 +219,9 @@ def atp(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = 
     for sub in setup.parts():
         clean: dict[str, Tensor] = {}
         probes: dict[str, Tensor] = {}
-        with torch.enable_grad(), setup.prepared(), model.hooks(
-                fwd_hooks=_probe_hooks(setup, record=clean, sender_probes=probes, receiver_probes=None)):
-            logits = gather_pos(model(sub.clean), sub.pos)
+        with torch.enable_grad(), setup.prepared():
+            logits = _logits_at_pos(setup, sub, _probe_hooks(setup, record=clean, sender_probes=probes,
+                                                             receiver_probes=None))
             total = _metric_total(setup, logits, sub, logits.detach())
             keys = list(probes)
             grads = torch.autograd.grad(total, [probes[k] for k in keys], allow_unused=True)
@@ -276,42 +282,41 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
     skip = fix.receivers if fix is not None else set()
     setup.fit()
     values = torch.zeros(graph.n_edges, dtype=torch.float32, device=w.device)
+    # the clean point (alpha = 1) first: it records the clean activations and logits (KL needs them), needs no
+    # ablated value, and is where the QK fix reads the pattern's gradient; then the ablation, then the others
+    order = [steps, *range(1, steps)]
     for sub in setup.parts():
         b, P = sub.clean.shape
         clean: dict[str, Tensor] = {}
         fix_store: dict[str, Tensor] = {}
-        if steps > 1:  # the interpolation needs the clean and ablated embeddings before the gradient passes
-            clean_logits, clean = setup.capture(sub, fix.capture_hooks(fix_store) if fix else None)
-            abl = setup.values(sub, clean)
-            D = _sender_diff(setup, abl, clean, b, P)
-        else:
-            clean_logits, abl, D = None, None, None
+        sums: dict[str, Tensor] = {}
         pattern_grads: dict[int, Tensor] = {}
-        for k in range(1, steps + 1):
-            alpha = None if steps == 1 else k / steps
+        clean_logits: Tensor | None = None
+        abl: dict[str, Tensor] | None = None
+        for i, k in enumerate(order):
+            first = i == 0
             probes: dict[str, Tensor] = {}
             patterns: dict[int, Tensor] = {}
-            record = clean if steps == 1 else None
-            hooks = _probe_hooks(setup, record=record, sender_probes=None, receiver_probes=probes, alpha=alpha,
-                                 abl=abl)
-            if fix is not None and k == steps:  # the clean point (alpha = 1): AtP*'s gradient at the pattern
-                hooks += fix.pattern_probe_hooks(patterns) + (fix.capture_hooks(fix_store) if steps == 1 else [])
+            hooks = _probe_hooks(setup, record=clean if first else None, sender_probes=None, receiver_probes=probes,
+                                 alpha=None if first else k / steps, abl=abl)
+            if fix is not None and first:
+                hooks += fix.pattern_probe_hooks(patterns) + fix.capture_hooks(fix_store)
             with torch.enable_grad(), setup.prepared():
-                with model.hooks(fwd_hooks=hooks):
-                    logits = gather_pos(model(sub.clean), sub.pos)
-                if clean_logits is None:
+                logits = _logits_at_pos(setup, sub, hooks)
+                if first:
                     clean_logits = logits.detach()
                 total = _metric_total(setup, logits, sub, clean_logits)
                 del logits
-                if D is None:  # EAP: the clean units came from this pass; the ablation follows them
-                    abl = setup.values(sub, clean)
-                    D = _sender_diff(setup, abl, clean, b, P)
-                _accumulate_on_backward(setup, probes, D, values, skip, scale=1.0 / steps)
-                leaves = list(probes.values()) + list(patterns.values())
-                total.backward(inputs=leaves)
+                _sum_on_backward(probes, sums, skip, scale=1.0 / steps)
+                total.backward(inputs=list(probes.values()) + list(patterns.values()))
             setup.forward_passes += 1
             pattern_grads.update({L: p.grad.float() for L, p in patterns.items()})
-            del total, probes, patterns, leaves
+            del total, probes, patterns
+            if first:
+                abl = setup.values(sub, clean)
+        D = _sender_diff(setup, abl, clean, b, P)
+        _edge_scores(setup, sums, D, values)
+        del sums
         if fix is not None:
             fix.verify(fix_store)
             fix.add_scores(values, fix_store, D, pattern_grads, b, P)
@@ -321,21 +326,30 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
                   setup.forward_passes, time.perf_counter() - t0)
 
 
-def _accumulate_on_backward(setup: _Setup, probes: dict[str, Tensor], D: Tensor, values: Tensor, skip: set[str],
-                            scale: float) -> None:
-    """As the backward pass reaches each receiver probe: ``values[edge(r, s)] += scale * grad_r . D_s`` (float32),
-    then free the gradient. Receiver groups in ``skip`` (the QK fix's) are left to it."""
-    for r in setup.wiring.receivers:
-        probe = probes.get(r.key)
-        if probe is None:
-            continue
-
-        def hook(p: Tensor, _r: Any = r) -> None:
-            if _r.key not in skip:
-                G = p.grad.reshape(_r.R, -1).float().to(D.device)                 # [R, b*P*d]
-                values[_r.edge_idx.reshape(-1).to(values.device)] += scale * (G @ D[: _r.prefix].T).reshape(-1)
+def _sum_on_backward(probes: dict[str, Tensor], sums: dict[str, Tensor], skip: set[str], scale: float) -> None:
+    """As the backward pass reaches each receiver probe, add ``scale * grad`` (float32) to ``sums`` and free the
+    gradient. Receiver groups in ``skip`` (the QK fix's) are left to it."""
+    for key, probe in probes.items():
+        def hook(p: Tensor, _k: str = key) -> None:
+            if _k not in skip:
+                g = p.grad.float() * scale
+                sums[_k] = g if _k not in sums else sums[_k].add_(g)
             p.grad = None
         probe.register_post_accumulate_grad_hook(hook)
+
+
+def _edge_scores(setup: _Setup, sums: dict[str, Tensor], D: Tensor, values: Tensor) -> None:
+    """``values[edge(r, s)] += grad_r . D_s`` for every receiver group, one matrix product per sender prefix (the
+    q, k and v groups of a layer share one, so the products are wide)."""
+    by_prefix: dict[int, list[Any]] = {}
+    for r in setup.wiring.receivers:
+        if r.key in sums:
+            by_prefix.setdefault(r.prefix, []).append(r)
+    for prefix, groups in by_prefix.items():
+        G = torch.cat([sums.pop(r.key).reshape(r.R, -1).to(D.device) for r in groups])     # [sum R, b*P*d]
+        out = G @ D[:prefix].T                                                           # [sum R, prefix]
+        idx = torch.cat([r.edge_idx.to(values.device) for r in groups])
+        values[idx.reshape(-1)] += out.reshape(-1).to(values.device)
 
 
 __all__ = ["atp", "eap", "eap_ig", "check_gradient_metric", "GRADIENT_METHODS"]

@@ -141,6 +141,7 @@ def inspect_model(model: Any) -> dict[str, Any]:
     projected_ok = all(h in hooks for h in need) and all("ln1" in b._modules for b in model.blocks) and not reasons
     split_ok = _split_qkv_supported(model)
     head_err, proj_err = _self_check(model, projected=projected_ok) if not reasons else (0.0, 0.0)
+    info["logits_at_pos"] = _logits_check(model, info["logits_hook"])
     tol = max(1e-3, 8 * torch.finfo(model_dtype(model)).eps)  # float32: 1e-3; half precision: looser
     if info["n_kv_heads"] != n_heads and not reasons:
         err = _ungroup_check(model, split=split_ok)
@@ -174,6 +175,30 @@ def inspect_model(model: Any) -> dict[str, Any]:
     if reasons:
         log.info("%s: node-level patching only: %s", info["model"], info["edge_reason"])
     return info
+
+
+def logits_from_residual(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """The unembedding of the final residual stream ``x`` (the final norm first, when the model has one)."""
+    ln = getattr(model, "ln_final", None)
+    return model.unembed(x if ln is None else ln(x))
+
+
+@torch.no_grad()
+def _logits_check(model: Any, logits_hook: str) -> bool:
+    """Whether :func:`logits_from_residual` of the input at ``logits_hook`` reproduces the model's logits (then the
+    engine may unembed only the prediction positions; nothing else, such as logit soft-capping, follows)."""
+    seen: dict[str, torch.Tensor] = {}
+    d_vocab = max(int(getattr(model.cfg, "d_vocab", 2) or 2), 1)
+    toks = (torch.arange(5, device=model_device(model)) * 7 % d_vocab).unsqueeze(0)
+    try:
+        with eval_mode(model), model.hooks(fwd_hooks=[(logits_hook, lambda x, hook: seen.update(x=x.detach()))]):
+            want = model(toks)
+        got = logits_from_residual(model, seen["x"])
+    except Exception as e:  # noqa: BLE001 - any failure: the engine keeps whole-position logits
+        log.info("logits check failed (%s: %s)", type(e).__name__, e)
+        return False
+    tol = max(1e-4, 8 * torch.finfo(model_dtype(model)).eps)
+    return got.shape == want.shape and float((got - want).abs().max() / want.abs().max().clamp_min(1e-6)) <= tol
 
 
 @torch.no_grad()
@@ -249,4 +274,4 @@ def _ungroup_check(model: Any, *, split: bool) -> float:
     return err
 
 
-__all__ = ["inspect_model", "model_device", "model_dtype", "eval_mode"]
+__all__ = ["logits_from_residual", "inspect_model", "model_device", "model_dtype", "eval_mode"]

@@ -113,10 +113,9 @@ class Patcher:
                 sub = trimmed(self.batch[rows])
                 rp = Replay(model, len(sub)) if replay else None
                 with rp.recording() if rp is not None else nullcontext():
-                    logits, units = self.wiring.capture(sub.clean)
+                    logits, units = self.wiring.capture(sub.clean, sub.pos)
                 self.forward_passes += 1
-                part = Part(rows, sub, gather_pos(logits, sub.pos), units, replay=rp)
-                del logits
+                part = Part(rows, sub, logits, units, replay=rp)
                 if rp is not None and not self.parts:
                     rp.verify(part.clean_logits, sub.pos)
                 elif rp is not None:  # the same calls on other prompts: the first batch's verdict holds

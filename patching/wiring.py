@@ -298,18 +298,56 @@ class Wiring:
             hooks.append((s.hook, keep))
         return hooks
 
-    def capture(self, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """One forward on ``tokens``: the logits ``[B, P, V]`` and every sender group's units."""
+    def capture(self, tokens: Tensor, pos: Tensor | None = None, *,
+                logits: bool = True) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """One forward on ``tokens``: every sender group's units and the logits (``[B, V]`` at ``pos``; ``[B, P, V]``
+        without ``pos``; ``None`` with ``logits=False``)."""
         store: dict[str, Tensor] = {}
         scratch: dict[str, Tensor] = {}
-        with self.model.hooks(fwd_hooks=self.capture_hooks(store, scratch)):
-            logits = self.model(tokens)
-        return logits, store
+        out = forward_logits(self.model, self.graph.meta, tokens, self.capture_hooks(store, scratch),
+                             pos=pos, logits=logits)
+        return out, store
 
     def needs_split(self) -> bool:
         return any(r.mode == "split" for r in self.receivers)
 
 
+
+
+class _AtResidual(Exception):
+    """Raised by the last hook of a forward to stop it at the final residual stream."""
+
+
+def forward_logits(model: Any, meta: dict[str, Any], tokens: Tensor, hooks: list[Hook], *, pos: Tensor | None = None,
+                   logits: bool = True) -> Tensor | None:
+    """``model(tokens)`` with ``hooks``, computing only the logits asked for: at the prediction positions ``pos``
+    (``[B, V]``), none (``logits=False``), or all (``[B, P, V]``, when ``pos`` is None). When the model's logits are
+    the unembedding of the final residual stream (``meta['logits_at_pos']``, checked by ``inspect_model``), the
+    forward stops there, and the unembedding (the largest single cost of a small model with a large vocabulary)
+    runs at the positions asked for only; otherwise the whole forward runs and the positions are gathered."""
+    from patching.metrics import gather_pos
+    from patching.model_info import logits_from_residual
+
+    if (pos is None and logits) or not meta.get("logits_at_pos"):
+        with model.hooks(fwd_hooks=hooks):
+            out = model(tokens)
+        return None if not logits else out if pos is None else gather_pos(out, pos)
+    box: dict[str, Tensor] = {}
+
+    def stop(x: Tensor, hook: Any) -> None:
+        box["x"] = x
+        raise _AtResidual
+
+    try:
+        with model.hooks(fwd_hooks=[*hooks, (meta["logits_hook"], stop)]):
+            model(tokens)
+    except _AtResidual:
+        pass
+    if not logits:
+        return None
+    x = box["x"]
+    xp = x[torch.arange(x.shape[0], device=x.device), pos.to(x.device)].unsqueeze(1)       # [B, 1, d]
+    return logits_from_residual(model, xp)[:, 0]
 
 
 @contextmanager
@@ -344,4 +382,4 @@ def _flags(model: Any, split_qkv: bool):
                 m.training = True
 
 
-__all__ = ["Wiring", "SenderGroup", "ReceiverGroup", "prepared"]
+__all__ = ["Wiring", "SenderGroup", "ReceiverGroup", "prepared", "forward_logits"]

@@ -97,7 +97,7 @@ def test_attribution_counts_forwards_per_prompt_batch(gpt2):
     g = ComponentGraph.from_model(gpt2)
     assert eap(gpt2, g, BATCH).forward_passes == 2                            # clean+grad, corrupted
     assert eap(gpt2, g, BATCH, prompt_batch=3).forward_passes == 2 * 3
-    assert eap_ig(gpt2, g, BATCH, steps=4, prompt_batch=4).forward_passes == 2 * (1 + 1 + 4)
+    assert eap_ig(gpt2, g, BATCH, steps=4, prompt_batch=4).forward_passes == 2 * (4 + 1)  # 4 points, corrupted
     # mean over several prompt batches: one clean pass per batch to take the mean first
     assert eap(gpt2, g, BATCH, ablation="mean", prompt_batch=4).forward_passes == 2 + 2
 

@@ -61,12 +61,12 @@ def test_rerun_makes_zero_requests_and_counts_cache_hits(tmp_path):
 
 def test_concurrency_is_bounded_by_the_semaphore(tmp_path):
     units = {f"u{i}": [ActivationRecord(tokens=("x", f" {i}"), activations=(0, 1), id=f"r{i}")] for i in range(12)}
-    with FakeLLM(script=[Scripted(delay=0.2) for _ in range(12)]) as fake:
+    with FakeLLM(script=[Scripted(delay=0.5) for _ in range(12)]) as fake:
         t0 = time.monotonic()
         explain(client(fake, tmp_path, concurrency=4), units)
         elapsed = time.monotonic() - t0
     assert fake.max_in_flight == 4
-    assert elapsed >= 3 * 0.2 * 0.9  # 12 requests, 4 at a time, 0.2 s each
+    assert elapsed >= 3 * 0.5 * 0.9  # 12 requests, 4 at a time, 0.5 s each
 
 
 def test_429_waits_for_retry_after(tmp_path):

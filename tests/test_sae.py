@@ -252,3 +252,26 @@ def test_ce_recovered_and_kl_ratio_oracles(zoo_model):
     assert out["ce_clean"] == pytest.approx(sum(nll) / len(nll), rel=1e-5)
     assert out["n_ce_positions"] == len(nll) and out["n_kl_positions"] == int(real[:, 1:].sum())
     assert math.isfinite(out0["error_kl_ratio"])
+
+
+def test_ctrl_c_checkpoints_a_completed_step_and_resumes_identically(tmp_path):
+    import os
+    import signal
+    import threading
+
+    x, _ = planted_data(n=3000)
+    cfg = TrainConfig(arch="topk", centring="learned", width=32, k=3, train_tokens=64 * 1500, batch_size=64,
+                      lr=3e-3)
+    ref = train_sae(TensorSource(x), cfg, tmp_path / "ref", progress=False, max_steps=None)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_sae(TensorSource(x), cfg, tmp_path / "cut", progress=False)
+    finally:
+        timer.cancel()
+    step = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < cfg.n_steps
+    again = train_sae(TensorSource(x), cfg, tmp_path / "cut", progress=False)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k

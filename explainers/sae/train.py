@@ -18,8 +18,8 @@ Procedure (common to all architectures; the architecture-specific parts are in :
    history.
 
 A checkpoint (``DIR/checkpoint.pt``: weights, Adam state, step, data position, dead-latent counters, history) is
-written atomically every ``checkpoint_every`` steps and on Ctrl-C; rerunning with the same config continues from it
-and ends bit-identical to an uninterrupted run (same thread count). A different config in the same directory is
+written atomically every ``checkpoint_every`` steps and on Ctrl-C (taken at the end of the current step);
+rerunning with the same config continues from it and ends bit-identical to an uninterrupted run (same thread count). A different config in the same directory is
 refused with the first differing key named.
 """
 
@@ -30,6 +30,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -285,10 +287,14 @@ def train_sae(source: Any, cfg: TrainConfig, out_dir: str | os.PathLike, *, hook
                                      "since_fired": since.cpu(), "history": history,
                                      "seconds": seconds + time.perf_counter() - t0})
 
+    # Ctrl-C is deferred to the end of the current step, so the checkpoint is always of a completed step
+    interrupted: list[int] = []
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     try:
         while step < stop:
             e, j, batch = next(stream)
-            epoch, index = e, j + 1
             x = batch.to(device, torch.float32) * scale
             ctx = StepContext(step, T, since >= dead_window, cfg)
             f, pre = arch.forward(sae, x, ctx)
@@ -313,6 +319,7 @@ def train_sae(source: Any, cfg: TrainConfig, out_dir: str | os.PathLike, *, hook
                 since += x.shape[0]
                 since[fired] = 0
             step += 1
+            epoch, index = e, j + 1
             bar.update(1)
             if step % log_every == 0 or step == T:
                 with torch.no_grad():
@@ -326,10 +333,12 @@ def train_sae(source: Any, cfg: TrainConfig, out_dir: str | os.PathLike, *, hook
                                 l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
             if step % checkpoint_every == 0 and step < T:
                 checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
+            if interrupted:
+                checkpoint()
+                raise KeyboardInterrupt
     finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
         bar.close()
     if step < T:
         checkpoint()

@@ -202,9 +202,17 @@ def _metric_total(setup: _Setup, logits: Tensor, sub: TaskBatch, clean_logits: T
 
 def atp(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str = "resample",
         metric: str | Metric = "logit_diff", level: str = "node", reference: TaskBatch | None = None,
-        per_position: bool = False, prompt_batch: int | None = None, mean_include_bos: bool = False) -> Scores:
-    """Attribution patching: first-order estimate of every node's (or neuron's) ablation effect."""
+        per_position: bool = False, prompt_batch: int | None = None, mean_include_bos: bool = False,
+        qk_fix: bool = False) -> Scores:
+    """Attribution patching: first-order estimate of every node's (or neuron's) ablation effect.
+
+    ``qk_fix`` is accepted only to refuse it in one line: AtP*'s QK fix recomputes the attention pattern for a
+    change of a head's query or key *input*, which edge attribution (``eap`` / ``eap_ig``) scores and node-level
+    AtP does not (a node's output reaches later queries and keys through every downstream path at once)."""
     t0 = time.perf_counter()
+    if qk_fix:
+        raise ValueError("atp: qk_fix applies to edge attribution (eap, eap_ig), whose q/k edges it recomputes "
+                         "exactly; node-level AtP has no q/k inputs to fix")
     if level not in ("node", "neuron"):
         raise ValueError(f"atp: level must be 'node' or 'neuron', got {level!r}")
     if isinstance(metric, str):

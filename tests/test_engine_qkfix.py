@@ -9,7 +9,7 @@ from helpers_models import llama_bridge, native_bridge, random_batch
 from scipy.stats import spearmanr
 from test_gqa import gqa_pair
 
-from patching import ComponentGraph, eap, eap_ig, edge_patching_scores
+from patching import ComponentGraph, atp, eap, eap_ig, edge_patching_scores
 
 BATCH = random_batch(B=5, P=8, seed=5)
 
@@ -62,6 +62,12 @@ def test_qk_fix_with_rotary_llama_and_prompt_batches():
     parts = eap_ig(m, g, BATCH, steps=2, qk_fix=True, prompt_batch=2)
     assert torch.allclose(whole.values, parts.values, atol=1e-5)
     assert not torch.allclose(whole.values, eap_ig(m, g, BATCH, steps=2).values, atol=1e-4)
+
+
+def test_node_level_atp_refuses_the_qk_fix():
+    m = llama_bridge(n_layers=2)
+    with pytest.raises(ValueError, match="atp: qk_fix applies to edge attribution"):
+        atp(m, ComponentGraph.from_model(m), BATCH, qk_fix=True)
 
 
 def test_unsupported_attention_is_a_one_line_error():

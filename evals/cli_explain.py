@@ -236,8 +236,9 @@ def explain_handler(args: argparse.Namespace) -> int:
         from evals.explain_run import ResultsFile
 
         done = len(ResultsFile(args.out / "explanations.jsonl").lines)
-        print(f"circuitexplain: error: {e} ({done} units written to {args.out / 'explanations.jsonl'}; rerun the "
-              "same command to resume)", file=sys.stderr)
+        hint = "" if "rerun" in str(e) else "; rerun the same command to resume"
+        print(f"circuitexplain: error: {e}{hint} ({done} units written to {args.out / 'explanations.jsonl'})",
+              file=sys.stderr)
         return 1
 
 
@@ -253,6 +254,10 @@ def _run(args: argparse.Namespace, checked: dict[str, Any]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     G, selection, level = checked["G"], checked["selection"], args.level
+    if args.no_progress:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     results = ResultsFile(args.out / "explanations.jsonl")
     basis = None
     if args.basis is not None:

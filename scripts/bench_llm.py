@@ -7,6 +7,14 @@ with a fresh client cache and (unless --llm-base-url is given) a freshly started
 profits from vLLM's prefix cache of the other's prompts; within a phase the shared instruction prefix is
 cached by vLLM as in any real run. Writes a table and JSON (default benchmarks/llm-throughput.json).
 
+Knobs a researcher would try (recorded in the JSON): ``--server-args`` passed to vLLM (e.g. ``--block-size 32``:
+the CPU backend's default KV block of 128 tokens caches a shared prefix only in whole blocks), ``--threads``
+(unbound OpenMP threads, for a machine shared with other busy processes), ``--prime`` (the concurrent phase first
+sends one explanation and one simulation alone, so the shared instruction prefixes are in vLLM's prefix cache
+before the other 63 units arrive; the sequential phase gets this for free from its first unit; timed in the
+phase), and ``--record-tokens`` (the length of the synthetic exemplars, i.e. the prompt size). The server's
+Prometheus counters (prompt and generated tokens, prefix-cache queries and hits) are read around each phase.
+
   .venv/bin/python scripts/bench_llm.py                       # starts smollm2-135m on a free port, stops it
   .venv/bin/python scripts/bench_llm.py --llm-base-url http://127.0.0.1:8000/v1 --llm-model smollm2-135m
 """
@@ -19,9 +27,12 @@ import json
 import os
 import platform
 import random
+import re
+import shlex
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from explainers.llm import ActivationRecord, Explanation, LLMClient, LLMConfig, LLMExplainer
@@ -33,8 +44,10 @@ WORDS = ["the", "store", "went", "to", "gave", "a", "drink", "park", "and", "aft
          "quickly", "red", "book", "table", "sun", "rain", "city", "old", "new", "tree"]
 
 
-def synthetic_units(n: int, seed: int) -> dict[str, tuple[list[ActivationRecord], ActivationRecord, str]]:
-    """N units, each firing on its own random set of 3 words: 4 shown records, 1 held-out, the rule text."""
+def synthetic_units(n: int, seed: int, lengths: tuple[int, int] = (10, 16)
+                    ) -> dict[str, tuple[list[ActivationRecord], ActivationRecord, str]]:
+    """N units, each firing on its own random set of 3 words: 4 shown records, 1 held-out, the rule text;
+    records of ``lengths[0]..lengths[1]`` tokens."""
     rng = random.Random(seed)
     vocab = NAMES + WORDS
     units = {}
@@ -42,28 +55,66 @@ def synthetic_units(n: int, seed: int) -> dict[str, tuple[list[ActivationRecord]
         words = set(rng.sample(vocab, 3))
         recs = []
         for i in range(5):
-            toks = [(" " if j else "") + rng.choice(vocab) for j in range(rng.randint(10, 16))]
+            toks = [(" " if j else "") + rng.choice(vocab) for j in range(rng.randint(*lengths))]
             recs.append(ActivationRecord(tokens=toks, activations=[3.0 if t.strip() in words else 0.0 for t in toks],
                                          id=f"u{u}:r{i}"))
         units[f"u{u}"] = (recs[:4], recs[4], " or ".join(sorted(words)))
     return units
 
 
-def phase(base_url: str, model: str, cache: Path, units: dict, concurrency: int, max_tokens: int) -> dict:
+METRICS = {"prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
+           "prefix_cache_queries": "vllm:prefix_cache_queries_total", "prefix_cache_hits": "vllm:prefix_cache_hits_total"}
+
+
+def server_counters(base_url: str) -> dict[str, float]:
+    """vLLM's Prometheus counters (summed over label sets); empty when the endpoint has no /metrics."""
+    try:
+        with urllib.request.urlopen(base_url.rsplit("/v1", 1)[0] + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for key, name in METRICS.items():
+        vals = re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text, re.M)
+        if vals:
+            out[key] = sum(float(v) for v in vals)
+    return out
+
+
+def phase(base_url: str, model: str, cache: Path, units: dict, concurrency: int, max_tokens: int,
+          prime: bool = False) -> dict:
     client = LLMClient(LLMConfig(base_url=base_url, model=model, concurrency=concurrency), cache)
     explainer = LLMExplainer(client, style="bills", max_tokens=max_tokens)
     sim = SimulationScorer(client, mode="prompt-logprobs")
-    calls = []
-    for name, (shown, held, rule) in units.items():
-        calls.append(explainer.aexplain(name, shown))
-        calls.append(sim.ascore(Explanation(unit=name, text=f"the words {rule}", explainer="rule"), [held]))
+
+    def calls_of(names):
+        calls = []
+        for name in names:
+            shown, held, rule = units[name]
+            calls.append(explainer.aexplain(name, shown))
+            calls.append(sim.ascore(Explanation(unit=name, text=f"the words {rule}", explainer="rule"), [held]))
+        return calls
+
+    names = list(units)
+    before = server_counters(base_url)
     t0 = time.perf_counter()
-    outs = client.run(calls, desc=f"concurrency {concurrency}")
+    outs = []
+    if prime and len(names) > 1:  # one unit alone first: the shared prefixes enter vLLM's prefix cache
+        outs += client.run(calls_of(names[:1]), desc="prime", progress=False)
+        names = names[1:]
+    outs += client.run(calls_of(names), desc=f"concurrency {concurrency}")
     seconds = time.perf_counter() - t0
+    after = server_counters(base_url)
     client.close()
-    return {"concurrency": concurrency, "calls": len(calls), "seconds": round(seconds, 3),
-            "calls_per_s": round(len(calls) / seconds, 3), "requests": client.stats["requests"],
-            "cache_hits": client.stats["cache_hits"], "failed": sum(1 for o in outs if getattr(o, "failed", None))}
+    counters = {k: after[k] - before.get(k, 0.0) for k in after}
+    if counters.get("prefix_cache_queries"):
+        counters["prefix_cache_hit_rate"] = round(counters["prefix_cache_hits"] / counters["prefix_cache_queries"], 3)
+    if counters.get("prompt_tokens"):
+        counters["prompt_tokens_per_s"] = round(counters["prompt_tokens"] / seconds, 1)
+    return {"concurrency": concurrency, "calls": 2 * len(units), "seconds": round(seconds, 3),
+            "calls_per_s": round(2 * len(units) / seconds, 3), "requests": client.stats["requests"],
+            "cache_hits": client.stats["cache_hits"], "failed": sum(1 for o in outs if getattr(o, "failed", None)),
+            "primed": bool(prime), "server": counters}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llm-base-url", help="use this endpoint instead of starting smollm2-135m locally")
     p.add_argument("--llm-model", default="smollm2-135m")
+    p.add_argument("--server-args", default="", help="extra vLLM arguments, e.g. '--block-size 32'")
+    p.add_argument("--threads", type=int, help="vLLM CPU threads, unbound (default: one bound per core)")
+    p.add_argument("--prime", action="store_true", help="concurrent phase: one unit alone first (see above)")
+    p.add_argument("--record-tokens", default="10,16", help="synthetic record length range (default 10,16)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/llm-throughput.json"))
     args = p.parse_args(argv)
-    units = synthetic_units(args.units, args.seed)
+    lo, hi = (int(x) for x in args.record_tokens.split(","))
+    units = synthetic_units(args.units, args.seed, (lo, hi))
+    extra = shlex.split(args.server_args)
 
     @contextlib.contextmanager
     def serving():
@@ -88,21 +145,26 @@ def main(argv: list[str] | None = None) -> int:
         port = srv.free_port()
         print(f"starting vLLM ({args.llm_model}) on port {port} ...", file=sys.stderr)
         try:
-            yield srv.start_server(ensure_model(args.llm_model), name=args.llm_model, port=port).base_url
+            yield srv.start_server(ensure_model(args.llm_model), name=args.llm_model, port=port,
+                                   threads=args.threads, extra_args=extra).base_url
         finally:
             srv.stop_server(port)
 
+    load_start = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory() as tmp:
         with serving() as url:
             seq = phase(url, args.llm_model, Path(tmp) / "seq.sqlite", units, 1, args.max_tokens)
         with serving() as url:
-            con = phase(url, args.llm_model, Path(tmp) / "con.sqlite", units, args.concurrency, args.max_tokens)
+            con = phase(url, args.llm_model, Path(tmp) / "con.sqlite", units, args.concurrency, args.max_tokens,
+                        prime=args.prime)
             rerun = phase(url, args.llm_model, Path(tmp) / "con.sqlite", units, args.concurrency, args.max_tokens)
     result = {"model": args.llm_model, "units": args.units, "calls_per_unit": 2, "max_tokens": args.max_tokens,
               "sequential": seq, "concurrent": con, "rerun": rerun,
               "speedup": round(seq["seconds"] / con["seconds"], 2),
               "rerun_cache_hit_rate": rerun["cache_hits"] / rerun["calls"],
-              "fresh_server_per_phase": not args.llm_base_url,
+              "fresh_server_per_phase": not args.llm_base_url, "server_args": args.server_args,
+              "threads": args.threads, "record_tokens": [lo, hi],
+              "load_average_1min_at_start": load_start,
               "load_average_1min_at_end": round(os.getloadavg()[0], 2),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, vLLM CPU (bf16, --enforce-eager)"}
     print(f"{'phase':<12}{'conc.':>6}{'calls':>7}{'seconds':>10}{'calls/s':>9}{'requests':>10}{'hits':>6}")
@@ -110,7 +172,14 @@ def main(argv: list[str] | None = None) -> int:
         r = result[name]
         print(f"{name:<12}{r['concurrency']:>6}{r['calls']:>7}{r['seconds']:>10.2f}{r['calls_per_s']:>9.2f}"
               f"{r['requests']:>10}{r['cache_hits']:>6}")
-    print(f"speedup {result['speedup']}x; rerun cache hits {result['rerun_cache_hit_rate']:.0%}")
+    for name in ("sequential", "concurrent"):
+        c = result[name]["server"]
+        if c:
+            print(f"{name}: {c.get('prompt_tokens', 0):.0f} prompt tokens ({c.get('prompt_tokens_per_s', 0)}/s), "
+                  f"{c.get('generation_tokens', 0):.0f} generated, prefix-cache hit rate "
+                  f"{c.get('prefix_cache_hit_rate')}")
+    print(f"speedup {result['speedup']}x; rerun cache hits {result['rerun_cache_hit_rate']:.0%}; load average "
+          f"{load_start} -> {result['load_average_1min_at_end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")

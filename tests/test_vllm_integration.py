@@ -4,11 +4,19 @@ exemplars are tokenised by SmolLM2 itself; the server's process group is SIGKILL
 which must fail cleanly (one ``LLMUnavailableError``, the cache intact with the replies that arrived); after a
 restart the run resumes from the cache and pays only for what was missing; a third run makes no request.
 
+Then the same through the whole pipeline: ``circuitexplain explain`` explains (exemplar LLM, Bills prompt) and
+simulates (prompt log-probs) three units of ``ioi-2l``'s circuit, discovered in the test with EAP, from exemplars of
+an activation store built on the fly; the server is SIGKILLed once the first unit's line is written and the next
+replies are cached, the command exits 1 with one line and keeps that line, and after a restart the rerun resumes:
+finished units from the JSONL, the replies that arrived from the cache, only the rest from the server; a fresh run
+on the same cache makes no request and writes the same explanations and scores.
+
 This checks the pipeline, the parsing of real replies and prompt log-probs, the cache and the resume, not the
 quality of a 135M model's prose. Never skipped under CI (``make test`` builds the vLLM venv)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -89,9 +97,11 @@ def test_vllm_explain_simulate_score_kill_and_resume(vllm_env, tmp_path, monkeyp
     assert base_url == f"http://127.0.0.1:{port}/v1"
     state = srv.read_state(port)
     assert state is not None and srv.group_members(state.pgid)
+    graph = _ioi_circuit(tmp_path)
     try:
         _explain_simulate_score(base_url, vllm_env, tmp_path)
         state = _kill_midway_and_resume(base_url, vllm_env, tmp_path, port)
+        state = _pipeline_kill_and_resume(base_url, vllm_env, tmp_path, port, graph)
     finally:
         stopped = subprocess.run(ce + ["--stop"], capture_output=True, text=True, timeout=120)
         srv.stop_server(port)  # whatever is left if the CLI failed
@@ -190,4 +200,94 @@ def _kill_midway_and_resume(base_url, model_dir, tmp_path, port):
     third.run(make_calls(third), progress=False)
     assert third.stats["requests"] == 0 and third.stats["cache_hits"] == len(calls_spec)
     assert re.match(r"http://127\.0\.0\.1:\d+/v1", base_url)
+    return state
+
+
+def _ioi_circuit(tmp_path):
+    """ioi-2l's circuit, discovered here (EAP, top 12 edges): the units the pipeline explains come from it."""
+    from circuits.algorithms import DiscoveryConfig
+    from circuits.discover import discover
+    from graphs import circuit
+
+    G = discover("ioi-2l", "ioi", "eap", DiscoveryConfig(topk=12, n_prompts=16))
+    return circuit.save(G, tmp_path / "ioi-eap.json")
+
+
+def _explain_cli(base_url, graph, out, cache, *extra):
+    """``circuitexplain explain`` in a subprocess: 3 units, 3 shown and 3 held-out exemplars of 8 tokens each."""
+    cmd = [sys.executable, "-m", "circuits.cli", "explain", "--model", "ioi-2l", "--graph", str(graph), "--level",
+           "neuron", "--explainer", "exemplar-llm", "--scorer", "simulation", "--llm-base-url", base_url,
+           "--llm-model", MODEL, "--llm-cache", str(cache), "--llm-concurrency", "1", "--llm-retries", "2",
+           "--llm-timeout", "120", "--max-units", "3", "--per-node", "1", "--tokens", "2000", "--seq-len", "24",
+           "--window", "8", "--explain-top", "3", "--held-out-top", "2", "--held-out-random", "1",
+           "--held-out-per-quantile", "0", "--explain-max-tokens", "32", "--out", str(out), "--no-progress", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _jsonl(out):
+    path = out / "explanations.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _pipeline_kill_and_resume(base_url, model_dir, tmp_path, port, graph):
+    out, cache = tmp_path / "explain", tmp_path / "pipeline.sqlite"
+    state = srv.read_state(port)
+    proc = _explain_cli(base_url, graph, out, cache)
+    # kill once the first unit is written (it runs alone: 1 explanation + 3 simulations) and the next two
+    # replies (the other units' explanations) are cached
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline and \
+            not (_jsonl(out) and cache.exists() and cache_rows(cache) >= 6):
+        time.sleep(0.1)
+    assert _jsonl(out), f"no unit finished: {proc.poll()} {proc.stderr.read()[-2000:] if proc.poll() else ''}"
+    os.killpg(state.pgid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("circuitexplain: error: LLM endpoint") and "failed after 3 tries: APIConnectionError" \
+        in last and "rerun to resume" in last, last
+    first = _jsonl(out)
+    assert 1 <= len(first) < 3
+    rows_before = cache_rows(cache)
+    db = sqlite3.connect(cache)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    db.close()
+    deadline = time.monotonic() + 15
+    while srv.group_members(state.pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not srv.group_members(state.pgid), "SIGKILL of the group left vLLM processes"
+
+    state = srv.start_server(model_dir, name=MODEL, port=port, wait_s=400)
+    proc = _explain_cli(base_url, graph, out, cache)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stderr[-2000:]
+    lines = _jsonl(out)
+    assert lines[:len(first)] == first and len({ln["unit"] for ln in lines}) == len(lines) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    # every request of the resumed run got a reply that is now cached, and every reply cached before the kill that
+    # the units left over needed came from the cache (the finished units' replies were not needed again)
+    done_rows = sum(ln["explanation_meta"]["attempts"] + len(ln["exemplar_ids"]["held_out"]) for ln in first)
+    assert summary["llm_requests"] == cache_rows(cache) - rows_before
+    assert summary["llm_cache_hits"] == rows_before - done_rows >= 2
+    for ln in lines:
+        assert ln["explainer"] == f"llm:bills:{MODEL}" and ln["node"] and len(ln["exemplar_ids"]["explainer"]) == 3
+        assert (ln["explanation"] or "").strip() or ln["explanation_failed"]
+        assert not set(ln["exemplar_ids"]["explainer"]) & set(ln["exemplar_ids"]["held_out"])
+        rec = ln["scorer_records"]["simulation"]
+        if ln["explanation"] is None:
+            assert rec["failed"] and ln["scores"]["simulation"] is None
+            continue
+        assert rec["failed"] is None and rec["meta"]["mode"] == "prompt-logprobs", rec["failed"]
+        assert rec["record_ids"] == ln["exemplar_ids"]["held_out"]
+        assert rec["actual"] == [a for e in ln["exemplars"]["held_out"] for a in e["activations"]]
+        assert all(0.0 <= p <= 9.0 for p in rec["predicted"])
+        assert ln["scores"]["simulation"] == es.score_record(rec)
+
+    proc = _explain_cli(base_url, graph, tmp_path / "fresh", cache, "--store", str(out / "store"))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert json.loads((tmp_path / "fresh" / "summary.json").read_text())["llm_requests"] == 0
+    fresh = {ln["unit"]: ln for ln in _jsonl(tmp_path / "fresh")}
+    assert {u: (ln["explanation"], ln["scores"]) for u, ln in fresh.items()} == \
+        {ln["unit"]: (ln["explanation"], ln["scores"]) for ln in lines}
     return state

@@ -77,11 +77,18 @@ def read_prompts(path: Path):
     return clean, corrupt, answer, wrong
 
 
+def _save(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", type=Path, required=True)
     ap.add_argument("--prompts", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True,
+                    help="result JSON; finished stages are kept in it, so a rerun with the same inputs resumes")
     ap.add_argument("--exact-edges", type=Path, default=None,
                     help="JSON list of [src_name, dest_name] (auto-circuit names) to patch one at a time")
     ap.add_argument("--syed", action="store_true",
@@ -93,20 +100,33 @@ def main() -> None:
     t.manual_seed(0)
 
     import auto_circuit
-    import transformer_lens
     from auto_circuit.data import PromptDataLoader, PromptDataset
     from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
     from auto_circuit.types import AblationType
     from auto_circuit.utils.ablation_activations import batch_src_ablations
     from auto_circuit.utils.graph_utils import patch_mode, patchable_model, set_all_masks
     from auto_circuit.utils.tensor_ops import batch_answer_diffs
+    from tqdm import tqdm
 
-    out: dict = {"versions": {"auto_circuit": getattr(auto_circuit, "__version__", None) or _dist("auto-circuit"),
-                              "transformer_lens": _dist("transformer-lens"), "torch": t.__version__,
-                              "transformers": _dist("transformers")}}
+    wanted = [tuple(x) for x in json.loads(args.exact_edges.read_text())] if args.exact_edges else []
+    key = {"model_dir": str(args.model_dir.resolve()), "prompts": args.prompts.read_text(), "n_ctx": args.n_ctx,
+           "config": (args.model_dir / "config.json").read_text()}
+    out: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if out.get("key") != key:
+        out = {"key": key}
+    out["versions"] = {"auto_circuit": getattr(auto_circuit, "__version__", None) or _dist("auto-circuit"),
+                       "transformer_lens": _dist("transformer-lens"), "torch": t.__version__,
+                       "transformers": _dist("transformers")}
+    need_exact = [w for w in wanted if w not in {tuple(x[:2]) for x in out.get("exact", [])}]
+    if "eap" in out and ("eap_syed" in out or not args.syed) and not need_exact:
+        log("auto-circuit: every stage already in %s", args.out)
+        _save(args.out, out)
+        return
+
     t0 = time.perf_counter()
     clean, corrupt, answer, wrong = read_prompts(args.prompts)
     B, P = clean.shape
+    log("auto-circuit: building the HookedTransformer from %s", args.model_dir)
     tl, hf = load(args.model_dir, max(args.n_ctx, P))
     with t.no_grad():
         tl_logits, hf_logits = tl(clean), hf(clean).logits
@@ -128,25 +148,31 @@ def main() -> None:
     loader = PromptDataLoader(ds, seq_len=None, diverge_idx=0, batch_size=B, shuffle=False)
     model = patchable_model(tl, factorized=True, slice_output="last_seq", separate_qkv=True, device=t.device("cpu"))
     out["n_edges"] = len(model.edges)
+    _save(args.out, out)
 
-    t0 = time.perf_counter()
-    scores = mask_gradient_prune_scores(model, loader, None, grad_function="logit", answer_function="avg_diff",
-                                        mask_val=0.0, ablation_type=AblationType.RESAMPLE, clean_corrupt="corrupt")
-    out["eap_s"] = time.perf_counter() - t0
-    out["eap"] = [[e.src.name, e.dest.name, float(e.prune_score(scores))] for e in model.edges]
+    if "eap" not in out:
+        log("auto-circuit: EAP (mask gradients) on %d edges", len(model.edges))
+        t0 = time.perf_counter()
+        scores = mask_gradient_prune_scores(model, loader, None, grad_function="logit", answer_function="avg_diff",
+                                            mask_val=0.0, ablation_type=AblationType.RESAMPLE,
+                                            clean_corrupt="corrupt")
+        out["eap_s"] = time.perf_counter() - t0
+        out["eap"] = [[e.src.name, e.dest.name, float(e.prune_score(scores))] for e in model.edges]
+        _save(args.out, out)
 
-    if args.syed:
+    if args.syed and "eap_syed" not in out:
         from auto_circuit.prune_algos.edge_attribution_patching import edge_attribution_patching_prune_scores
 
+        log("auto-circuit: Syed et al. EAP replication (a Python loop over %d edges)", len(model.edges))
         t0 = time.perf_counter()
         syed = edge_attribution_patching_prune_scores(model, loader, None, answer_diff=True)
         out["eap_syed_s"] = time.perf_counter() - t0
         out["eap_syed"] = [[e.src.name, e.dest.name, float(e.prune_score(syed))] for e in model.edges]
         for p in model.parameters():
             p.requires_grad_(False)
+        _save(args.out, out)
 
-    if args.exact_edges is not None:
-        wanted = [tuple(x) for x in json.loads(args.exact_edges.read_text())]
+    if need_exact:
         by_name = {(e.src.name, e.dest.name): e for e in model.edges}
         missing = [w for w in wanted if w not in by_name]
         if missing:
@@ -162,19 +188,22 @@ def main() -> None:
                 everything = batch_answer_diffs(model(batch.clean)[model.out_slice], batch)
                 set_all_masks(model, 0.0)
             corrupt_ld = batch_answer_diffs(model(batch.corrupt)[model.out_slice], batch)
-            exact = []
-            for w in wanted:
+            out["exact_all_ablated_vs_corrupt_max_abs"] = float((everything - corrupt_ld).abs().max())
+            out["exact_clean_logit_diff"] = base.tolist()
+            out.setdefault("exact", [])
+            for w in tqdm(need_exact, desc="auto-circuit exact edge patching", file=sys.stderr, mininterval=5):
                 with patch_mode(model, src_outs, edges=[by_name[w]]):
                     ld = batch_answer_diffs(model(batch.clean)[model.out_slice], batch)
-                exact.append([w[0], w[1], float((ld - base).mean())])
+                out["exact"].append([w[0], w[1], float((ld - base).mean())])
+                out["exact_s"] = out.get("exact_s", 0.0) + time.perf_counter() - t0
+                t0 = time.perf_counter()
+                _save(args.out, out)
         set_all_masks(model, 0.0)
-        out["exact_s"] = time.perf_counter() - t0
-        out["exact"] = exact
-        out["exact_all_ablated_vs_corrupt_max_abs"] = float((everything - corrupt_ld).abs().max())
-        out["exact_clean_logit_diff"] = base.tolist()
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, args.out)
+    _save(args.out, out)
+
+
+def log(msg: str, *a: object) -> None:
+    print(msg % a, file=sys.stderr, flush=True)
 
 
 def _dist(name: str) -> str | None:

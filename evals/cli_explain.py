@@ -268,8 +268,6 @@ def _run(args: argparse.Namespace, checked: dict[str, Any]) -> int:
 
     model = load_model(args.model, device=args.device)
     device = next(model.parameters()).device
-    if basis is not None and hasattr(basis, "to"):
-        basis = basis.to(device)
     progress = not args.no_progress
     if args.store is not None:
         store = ActivationStore(args.store)
@@ -278,8 +276,12 @@ def _run(args: argparse.Namespace, checked: dict[str, Any]) -> int:
         corpus = build_corpus(args.corpus, args.model, model.tokenizer, args.seed)
         cfg = StoreConfig(model=args.model, hooks=hooks, n_tokens=args.tokens, seq_len=args.seq_len)
         store = collect(model, corpus, cfg, args.out / "store", progress=progress)
+    if basis is not None:
+        _to_device(basis, device)
     bases, plans = plan_units(model, store, G, level, selection, basis=basis, per_node=args.per_node,
                               max_units=args.max_units, model_name=args.model)
+    for b in bases.values():
+        _to_device(b, device)
     _check_run_file(args.out, checked["settings"], write=True)
     pending = [p for p in plans if p.unit not in results]
     print(f"{len(plans)} units ({len(plans) - len(pending)} already in {results.path}); "
@@ -340,6 +342,14 @@ def _run(args: argparse.Namespace, checked: dict[str, Any]) -> int:
         else:
             asyncio.run(_gather_offline([one(p) for p in pending], progress))
     return _finish(args, checked, plans, results, client, time.perf_counter() - t0)
+
+
+def _to_device(basis: Any, device: Any) -> None:
+    """Bases built from the store (PCA) or loaded from disk (SAEs) start on the CPU; the model may not."""
+    if hasattr(basis, "sae"):
+        basis.sae.to(device)
+    elif hasattr(basis, "to"):
+        basis.to(device)
 
 
 def _offline_explanations(args: argparse.Namespace, model: Any, bases: dict[str, Any], pending: list) -> dict:

@@ -180,15 +180,18 @@ def mean_abs_contribution(store: Any, hook: str, basis: Any, model: Any, *, chun
     """``E|encode(x)_i| * ||write direction i||`` over every stored row (heads: the norm is the output norm)."""
     total = torch.zeros(int(basis.n_units), dtype=torch.float64)
     n = 0
+    device = next(model.parameters()).device
     for s in range(store.n_shards):
         x = store.tensor(s, f"acts.{hook}")
         for a in range(0, x.shape[0], chunk_rows):
-            total += basis.encode(x[a:a + chunk_rows].float()).abs().sum(0).double().cpu()
+            total += basis.encode(x[a:a + chunk_rows].to(device, torch.float32)).abs().sum(0).double().cpu()
             n += min(chunk_rows, x.shape[0] - a)
     mean = total / max(n, 1)
     if basis.kind == "head":
         return mean.float()
-    return (mean * basis.write_directions(model).detach().double().norm(dim=-1).cpu()).float()
+    from explainers.unit_explainers import write_directions
+
+    return (mean * write_directions(model, basis).double().norm(dim=-1).cpu()).float()
 
 
 def _pca_bases(model: Any, store: Any, nodes: Sequence[str], per_node: int, model_name: str

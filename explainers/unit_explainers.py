@@ -111,6 +111,14 @@ def direct_path_scores(model: Any, hook: str, read: Float[Tensor, " d_hook"], *,
     return torch.cat(out)
 
 
+def write_directions(model: Any, basis: Any) -> Float[Tensor, "n d_model"]:
+    """Each unit's write direction into the residual stream (``basis.write_directions``; for neurons the rows of
+    ``W_out`` taken directly, on the model's device)."""
+    if basis.kind == "neuron":
+        return model.W_out[basis.layer].detach().float()
+    return basis.write_directions(model).detach().float()
+
+
 def _read_vectors(basis: Any) -> Tensor:
     """Encoder columns ``[d, n]`` of a direction or feature basis."""
     if hasattr(basis, "W_enc"):
@@ -137,7 +145,7 @@ def vocab_explanations(model: Any, basis: Any, indices: Sequence[int], units: Se
                        ) -> dict[str, Explanation]:
     """Token-list explanations of units ``indices`` of ``basis`` (module docstring), keyed by ``units``."""
     kind = basis.kind
-    write = basis.write_directions(model).detach().float() if kind != "head" else None
+    write = write_directions(model, basis) if kind != "head" else None
     reads = _read_vectors(basis) if kind in ("direction", "feature") else None
     out = {}
     for i, unit in zip(indices, units, strict=True):
@@ -175,7 +183,7 @@ def self_explanations(model: Any, basis: Any, indices: Sequence[int], units: Seq
     """Self-explanations of units ``indices`` of ``basis`` (module docstring), one batch for all of them."""
     from explainers.selfexplain import DEFAULT_SCALES, self_explain_many
 
-    dirs = basis.write_directions(model).detach().float()[list(int(i) for i in indices)]
+    dirs = write_directions(model, basis)[list(int(i) for i in indices)]
     at = default_self_layer(model, basis.layer) if layer is None else int(layer)
     results = self_explain_many(model, dirs, layer=at, prompt=prompt, scales=scales or DEFAULT_SCALES,
                                 max_new_tokens=max_new_tokens)

@@ -277,7 +277,7 @@ def _pipeline_kill_and_resume(base_url, model_dir, tmp_path, port, graph):
         if ln["explanation"] is None:
             assert rec["failed"] and ln["scores"]["simulation"] is None
             continue
-        assert rec["failed"] is None and rec["meta"]["mode"] == "prompt-logprobs", rec["failed"]
+        assert rec["failed"] is None and rec["meta"]["format"] == "sim-v1", rec  # all tokens at once (echo)
         assert rec["record_ids"] == ln["exemplar_ids"]["held_out"]
         assert rec["actual"] == [a for e in ln["exemplars"]["held_out"] for a in e["activations"]]
         assert all(0.0 <= p <= 9.0 for p in rec["predicted"])

@@ -148,9 +148,10 @@ class _Setup:
 
 def _probe_hooks(setup: _Setup, *, record: dict[str, Tensor] | None, sender_probes: dict[str, Tensor] | None,
                  receiver_probes: dict[str, Tensor] | None, alpha: float | None = None,
-                 abl: dict[str, Tensor] | None = None) -> list[Hook]:
+                 abl: dict[str, Tensor] | None = None, on_grad: Any = None) -> list[Hook]:
     """Hooks of a gradient pass: record clean sender units, interpolate the embeddings (EAP-IG), add zero probes
-    at sender activations (AtP) or receiver inputs (EAP)."""
+    at sender activations (AtP) or receiver inputs (EAP; ``on_grad(receiver group, gradient)`` sees each receiver
+    input's gradient during the backward pass)."""
     w = setup.wiring
     scratch: dict[str, Tensor] = {}
     hooks: list[Hook] = w.ln_hooks(scratch)
@@ -176,9 +177,13 @@ def _probe_hooks(setup: _Setup, *, record: dict[str, Tensor] | None, sender_prob
 
     def receiver_fn(r):
         def fn(x: Tensor, hook: Any) -> Tensor:
-            probe = torch.zeros(1, r.R, x.shape[0] * x.shape[1], w.d_model, dtype=w.dtype, device=x.device,
-                                requires_grad=True)
-            receiver_probes[r.key] = probe
+            # a zero probe [1, R, rows, d] without the memory: a [1, R, 1, d] leaf expanded over the rows; the
+            # gradient with respect to the expanded view (every row) goes to on_grad during the backward pass
+            base = torch.zeros(1, r.R, 1, w.d_model, dtype=w.dtype, device=x.device, requires_grad=True)
+            probe = base.expand(1, r.R, x.shape[0] * x.shape[1], w.d_model)
+            if on_grad is not None:
+                probe.register_hook(lambda g, _r=r: on_grad(_r, g))
+            receiver_probes[r.key] = base
             return r.apply(x, probe, scratch.get(r.ln_hook) if r.ln_hook else None)
         return fn
 
@@ -297,16 +302,16 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
         b, P = sub.clean.shape
         clean: dict[str, Tensor] = {}
         fix_store: dict[str, Tensor] = {}
-        sums: dict[str, Tensor] = {}
         pattern_grads: dict[int, Tensor] = {}
         clean_logits: Tensor | None = None
         abl: dict[str, Tensor] | None = None
+        scorer = _Scorer(setup, values, skip, scale=1.0 / steps)
         for i, k in enumerate(order):
             first = i == 0
             probes: dict[str, Tensor] = {}
             patterns: dict[int, Tensor] = {}
             hooks = _probe_hooks(setup, record=clean if first else None, sender_probes=None, receiver_probes=probes,
-                                 alpha=None if first else k / steps, abl=abl)
+                                 alpha=None if first else k / steps, abl=abl, on_grad=scorer)
             if fix is not None and first:
                 hooks += fix.pattern_probe_hooks(patterns) + fix.capture_hooks(fix_store)
             with torch.enable_grad(), setup.prepared():
@@ -315,49 +320,63 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
                     clean_logits = logits.detach()
                 total = _metric_total(setup, logits, sub, clean_logits)
                 del logits
-                _sum_on_backward(probes, sums, skip, scale=1.0 / steps)
+                if first:  # the clean activations are in: the ablation and the differences, before the backward
+                    abl = setup.values(sub, clean)
+                    scorer.D = _sender_diff(setup, abl, clean, b, P)
+                scorer.expect([r for r in w.receivers if r.key in probes])
                 total.backward(inputs=list(probes.values()) + list(patterns.values()))
+                scorer.flush()
             setup.forward_passes += 1
             pattern_grads.update({L: p.grad.float() for L, p in patterns.items()})
             del total, probes, patterns
-            if first:
-                abl = setup.values(sub, clean)
-        D = _sender_diff(setup, abl, clean, b, P)
-        _edge_scores(setup, sums, D, values)
-        del sums
         if fix is not None:
             fix.verify(fix_store)
-            fix.add_scores(values, fix_store, D, pattern_grads, b, P)
+            fix.add_scores(values, fix_store, scorer.D, pattern_grads, b, P)
     values /= max(len(setup.batch), 1)
     method = _method + ("_qkfix" if qk_fix else "")
     return Scores(graph, "edge", values.detach().cpu(), unit_ids(graph, "edge"), method, ablation, setup.metric_name,
                   setup.forward_passes, time.perf_counter() - t0)
 
 
-def _sum_on_backward(probes: dict[str, Tensor], sums: dict[str, Tensor], skip: set[str], scale: float) -> None:
-    """As the backward pass reaches each receiver probe, add ``scale * grad`` (float32) to ``sums`` and free the
-    gradient. Receiver groups in ``skip`` (the QK fix's) are left to it."""
-    for key, probe in probes.items():
-        def hook(p: Tensor, _k: str = key) -> None:
-            if _k not in skip:
-                g = p.grad.float() * scale
-                sums[_k] = g if _k not in sums else sums[_k].add_(g)
-            p.grad = None
-        probe.register_post_accumulate_grad_hook(hook)
+class _Scorer:
+    """``values[edge(r, s)] += scale * grad_r . D_s`` (float32) as the backward pass reaches the receiver groups.
 
+    The groups that read the same sender prefix (the q, k and v groups of a layer) are stacked into one matrix
+    product once the last of them has its gradient, which is then freed: at most one layer's gradients are held.
+    Receiver groups in ``skip`` (the QK fix's) are left to it."""
 
-def _edge_scores(setup: _Setup, sums: dict[str, Tensor], D: Tensor, values: Tensor) -> None:
-    """``values[edge(r, s)] += grad_r . D_s`` for every receiver group, one matrix product per sender prefix (the
-    q, k and v groups of a layer share one, so the products are wide)."""
-    by_prefix: dict[int, list[Any]] = {}
-    for r in setup.wiring.receivers:
-        if r.key in sums:
-            by_prefix.setdefault(r.prefix, []).append(r)
-    for prefix, groups in by_prefix.items():
-        G = torch.cat([sums.pop(r.key).reshape(r.R, -1).to(D.device) for r in groups])     # [sum R, b*P*d]
-        out = G @ D[:prefix].T                                                           # [sum R, prefix]
-        idx = torch.cat([r.edge_idx.to(values.device) for r in groups])
-        values[idx.reshape(-1)] += out.reshape(-1).to(values.device)
+    def __init__(self, setup: _Setup, values: Tensor, skip: set[str], scale: float):
+        self.values, self.skip, self.scale = values, skip, scale
+        self.D: Tensor | None = None
+        self._want: dict[int, int] = {}
+        self._have: dict[int, list[tuple[Any, Tensor]]] = {}
+
+    def expect(self, groups: list[Any]) -> None:
+        self._want, self._have = {}, {}
+        for r in groups:
+            if r.key not in self.skip:
+                self._want[r.prefix] = self._want.get(r.prefix, 0) + 1
+
+    def __call__(self, r: Any, grad: Tensor) -> None:
+        if r.key in self.skip:
+            return None
+        have = self._have.setdefault(r.prefix, [])
+        have.append((r, grad.reshape(r.R, -1).float()))
+        if len(have) == self._want[r.prefix]:
+            self._score(r.prefix)
+        return None
+
+    def _score(self, prefix: int) -> None:
+        have, D = self._have.pop(prefix), self.D
+        G = torch.cat([g.to(D.device) for _, g in have])                                 # [sum R, b*P*d]
+        out = (G @ D[:prefix].T) * self.scale                                            # [sum R, prefix]
+        idx = torch.cat([q.edge_idx.to(self.values.device) for q, _ in have])
+        self.values[idx.reshape(-1)] += out.reshape(-1).to(self.values.device)
+
+    def flush(self) -> None:
+        """After the backward pass: groups whose gradient never came (no path to the metric) have gradient 0."""
+        for prefix in list(self._have):
+            self._score(prefix)
 
 
 __all__ = ["atp", "eap", "eap_ig", "check_gradient_metric", "GRADIENT_METHODS"]

@@ -119,7 +119,7 @@ class ReceiverGroup:
             return t.view(K, R, N // K, P, -1).permute(0, 2, 3, 1, 4).reshape(N, P, R, -1)
 
         if self.mode == "resid":
-            return x + add.view(x.shape)
+            return x + add.reshape(x.shape)
         if self.mode == "split":
             return x + rows_first(add)
         if self.ln is None:  # linear: the change of the input maps straight through W

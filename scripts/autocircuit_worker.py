@@ -191,7 +191,8 @@ def main() -> None:
             out["exact_all_ablated_vs_corrupt_max_abs"] = float((everything - corrupt_ld).abs().max())
             out["exact_clean_logit_diff"] = base.tolist()
             out.setdefault("exact", [])
-            for w in tqdm(need_exact, desc="auto-circuit exact edge patching", file=sys.stderr, mininterval=5):
+            for w in tqdm(need_exact, desc="auto-circuit exact edge patching", file=sys.stderr, mininterval=5,
+                          disable=False):  # TQDM_DISABLE (set by the caller) silences auto-circuit's own bars
                 with patch_mode(model, src_outs, edges=[by_name[w]]):
                     ld = batch_answer_diffs(model(batch.clean)[model.out_slice], batch)
                 out["exact"].append([w[0], w[1], float((ld - base).mean())])

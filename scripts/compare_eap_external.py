@@ -274,7 +274,7 @@ def compare(model: Any, model_dir: Path, batch: Any, tokenizer: Any | None, work
     prompts = workdir / "prompts.jsonl"
     write_prompts(prompts, batch, tokenizer)
     key = {"prompts": prompts.read_text(), "config": (Path(model_dir) / "config.json").read_text(),
-           "weights_bytes": (Path(model_dir) / "model.safetensors").stat().st_size}
+           "weights_bytes": (Path(model_dir) / "model.safetensors").stat().st_size, "engine": _engine_digest()}
     cache = workdir / "ours.json"
     ours = json.loads(cache.read_text()) if cache.is_file() else {}
     if ours.get("key") != key or "eap" not in ours:
@@ -330,6 +330,16 @@ def compare(model: Any, model_dir: Path, batch: Any, tokenizer: Any | None, work
     report["top_edges"] = [{"edge": e, "ours": ours["eap"][e], "theirs_sign_flipped": SIGN * theirs["eap"][e]}
                            for e in top]
     return report
+
+
+def _engine_digest() -> str:
+    """sha256 of patching/*.py: cached results of ours are reused only for the same engine source."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "patching").glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def _save(path: Path, obj: dict) -> None:

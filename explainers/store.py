@@ -361,6 +361,8 @@ class ActivationStore:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ids = list(range(self.n_shards) if shards is None else shards)
+        if not ids:
+            return
         rng = np.random.default_rng([seed, epoch])
         order = [ids[j] for j in rng.permutation(len(ids))] if shuffle else ids
         group = buffer_shards or len(ids)

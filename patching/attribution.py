@@ -305,7 +305,8 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
         pattern_grads: dict[int, Tensor] = {}
         clean_logits: Tensor | None = None
         abl: dict[str, Tensor] | None = None
-        scorer = _Scorer(setup, values, skip, scale=1.0 / steps)
+        sum_bytes = 4 * b * P * w.d_model * sum(r.R for r in w.receivers if r.key not in skip)
+        scorer = _Scorer(values, skip, scale=1.0 / steps, accumulate=steps > 1 and sum_bytes <= SUM_BYTES)
         for i, k in enumerate(order):
             first = i == 0
             probes: dict[str, Tensor] = {}
@@ -329,6 +330,7 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
             setup.forward_passes += 1
             pattern_grads.update({L: p.grad.float() for L, p in patterns.items()})
             del total, probes, patterns
+        scorer.finish()
         if fix is not None:
             fix.verify(fix_store)
             fix.add_scores(values, fix_store, scorer.D, pattern_grads, b, P)
@@ -338,18 +340,24 @@ def eap_ig(model: Any, graph: ComponentGraph, batch: TaskBatch, *, ablation: str
                   setup.forward_passes, time.perf_counter() - t0)
 
 
+SUM_BYTES = 1 << 29  # EAP-IG keeps per-group gradient sums over its points when they fit in 512 MiB
+
+
 class _Scorer:
-    """``values[edge(r, s)] += scale * grad_r . D_s`` (float32) as the backward pass reaches the receiver groups.
+    """``values[edge(r, s)] += scale * grad_r . D_s`` (float32) from the receiver gradients of the backward passes.
 
-    The groups that read the same sender prefix (the q, k and v groups of a layer) are stacked into one matrix
-    product once the last of them has its gradient, which is then freed: at most one layer's gradients are held.
-    Receiver groups in ``skip`` (the QK fix's) are left to it."""
+    Groups that read the same sender prefix (the q, k and v groups of a layer) are stacked into one matrix product.
+    With ``accumulate`` (EAP-IG when the float32 gradient sums over its points fit :data:`SUM_BYTES`) each group's
+    gradient is added to a sum and everything is scored once at the end (one product per prefix for all points);
+    otherwise a prefix is scored as soon as its last group's gradient arrives and the gradients are freed, so at
+    most one layer's gradients are held. Receiver groups in ``skip`` (the QK fix's) are left to it."""
 
-    def __init__(self, setup: _Setup, values: Tensor, skip: set[str], scale: float):
-        self.values, self.skip, self.scale = values, skip, scale
+    def __init__(self, values: Tensor, skip: set[str], scale: float, *, accumulate: bool = False):
+        self.values, self.skip, self.scale, self.accumulate = values, skip, scale, accumulate
         self.D: Tensor | None = None
         self._want: dict[int, int] = {}
         self._have: dict[int, list[tuple[Any, Tensor]]] = {}
+        self._sums: dict[str, tuple[Any, Tensor]] = {}
 
     def expect(self, groups: list[Any]) -> None:
         self._want, self._have = {}, {}
@@ -360,23 +368,36 @@ class _Scorer:
     def __call__(self, r: Any, grad: Tensor) -> None:
         if r.key in self.skip:
             return None
+        g = grad.reshape(r.R, -1).float() * self.scale
+        if self.accumulate:
+            self._sums[r.key] = (r, g if r.key not in self._sums else self._sums[r.key][1].add_(g))
+            return None
         have = self._have.setdefault(r.prefix, [])
-        have.append((r, grad.reshape(r.R, -1).float()))
+        have.append((r, g))
         if len(have) == self._want[r.prefix]:
-            self._score(r.prefix)
+            self._score(self._have.pop(r.prefix))
         return None
 
-    def _score(self, prefix: int) -> None:
-        have, D = self._have.pop(prefix), self.D
+    def _score(self, have: list[tuple[Any, Tensor]]) -> None:
+        D, prefix = self.D, have[0][0].prefix
         G = torch.cat([g.to(D.device) for _, g in have])                                 # [sum R, b*P*d]
-        out = (G @ D[:prefix].T) * self.scale                                            # [sum R, prefix]
+        out = G @ D[:prefix].T                                                           # [sum R, prefix]
         idx = torch.cat([q.edge_idx.to(self.values.device) for q, _ in have])
         self.values[idx.reshape(-1)] += out.reshape(-1).to(self.values.device)
 
     def flush(self) -> None:
-        """After the backward pass: groups whose gradient never came (no path to the metric) have gradient 0."""
+        """After a backward pass: groups whose gradient never came (no path to the metric) have gradient 0."""
         for prefix in list(self._have):
-            self._score(prefix)
+            self._score(self._have.pop(prefix))
+
+    def finish(self) -> None:
+        """After the last point: score the accumulated sums, one product per prefix."""
+        by_prefix: dict[int, list[tuple[Any, Tensor]]] = {}
+        for r, g in self._sums.values():
+            by_prefix.setdefault(r.prefix, []).append((r, g))
+        self._sums = {}
+        for have in by_prefix.values():
+            self._score(have)
 
 
 __all__ = ["atp", "eap", "eap_ig", "check_gradient_metric", "GRADIENT_METHODS"]

@@ -109,3 +109,15 @@ def test_bad_prompt_batch_is_an_error(gpt2):
             EdgePatcher(gpt2, g, BATCH, prompt_batch=bad)
         with pytest.raises(ValueError, match="prompt_batch"):
             eap(gpt2, g, BATCH, prompt_batch=bad)
+
+
+def test_eap_ig_scores_the_same_with_and_without_gradient_sums(gpt2, monkeypatch):
+    """EAP-IG keeps per-group gradient sums over its points when they fit ``SUM_BYTES``, and otherwise scores each
+    point's gradients as the backward pass produces them (memory bounded by one layer's gradients)."""
+    import patching.attribution as attribution
+
+    g = ComponentGraph.from_model(gpt2)
+    summed = eap_ig(gpt2, g, BATCH, steps=4)
+    monkeypatch.setattr(attribution, "SUM_BYTES", 0)
+    streamed = eap_ig(gpt2, g, BATCH, steps=4)
+    assert torch.allclose(summed.values, streamed.values, atol=1e-5) and summed.values.abs().max() > 1e-2

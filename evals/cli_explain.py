@@ -105,8 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--tokens", type=int, default=20000, help="tokens to collect (default 20000)")
     st.add_argument("--seq-len", type=int, default=64, help="tokens per context, BOS included (default 64)")
     ex = p.add_argument_group("exemplars (train side: shown to the explainer; held-out side: scored)")
-    ex.add_argument("--window", type=int, default=32, help="tokens per exemplar (default 32)")
-    ex.add_argument("--explain-top", type=int, default=10, help="top-activating exemplars shown (default 10)")
+    ex.add_argument("--window", type=int, default=24, help="tokens per exemplar (default 24)")
+    ex.add_argument("--explain-top", type=int, default=8, help="top-activating exemplars shown (default 8: a Bills prompt of 8 x 24 tokens is about 1,500-1,950 SmolLM2 tokens, within the 2,048 of `llm serve`)")
     ex.add_argument("--explain-random", type=int, default=0, help="random exemplars shown (default 0)")
     ex.add_argument("--explain-per-quantile", type=int, default=0, help="shown per activation quantile (default 0)")
     ex.add_argument("--held-out-top", type=int, default=5, help="top-activating held-out exemplars (default 5)")
@@ -303,6 +303,7 @@ def _run(args: argparse.Namespace, checked: dict[str, Any]) -> int:
                                      model=args.llm_model, concurrency=args.llm_concurrency,
                                      max_retries=args.llm_retries, timeout_s=args.llm_timeout), args.llm_cache,
                            seed=args.seed)
+    from explainers.llm import Explanation, LLMRequestError
     from explainers.scoring import build_scorer
 
     scorers = {name: build_scorer(name, client=client, seed=args.seed) for name in checked["scorers"]}
@@ -316,12 +317,18 @@ def _run(args: argparse.Namespace, checked: dict[str, Any]) -> int:
         ex = exemplars[plan.unit]
         if llm_explainer is not None:
             if not ex.explain:
-                from explainers.llm import Explanation
-
                 expl = Explanation(unit=plan.unit, text=None, explainer=llm_explainer.name,
                                    failed="no train-side exemplars")
             else:
-                expl = await llm_explainer.aexplain(plan.unit, ex.records("explain"))
+                try:
+                    expl = await llm_explainer.aexplain(plan.unit, ex.records("explain"))
+                except LLMRequestError as e:  # 400: this unit's prompt (usually: longer than the context)
+                    if e.status != 400:
+                        raise
+                    expl = Explanation(unit=plan.unit, text=None, explainer=llm_explainer.name,
+                                       failed=f"the endpoint refused the explanation prompt ({e}); usually a prompt "
+                                              "longer than its context: show fewer (--explain-top) or shorter "
+                                              "(--window) exemplars")
         else:
             expl = explanations[plan.unit]
         held = ex.records("held_out")

@@ -55,9 +55,9 @@ SIDES = ("explain", "held_out")
 class ExemplarConfig:
     """How many exemplars of each kind per side, the window and the split (module docstring)."""
 
-    window: int = 32
+    window: int = 24
     before: float = 0.75
-    explain_top: int = 10
+    explain_top: int = 8
     explain_random: int = 0
     explain_per_quantile: int = 0
     held_out_top: int = 5

@@ -77,3 +77,30 @@ def test_llm_endpoint_down_midway_then_resume_from_the_cache(tmp_path, capsys):
             assert (f["explanation"], f["scores"], f["exemplar_ids"]) == (ln["explanation"], ln["scores"],
                                                                          ln["exemplar_ids"])
         assert json.loads((tmp_path / "fresh" / "summary.json").read_text())["llm_requests"] == 0
+
+
+def test_a_refused_explanation_prompt_is_a_recorded_failure_other_refusals_stop(tmp_path, capsys):
+    """HTTP 400 for an explanation (a prompt longer than the server's context, typically) fails that unit with the
+    reason; any other refusal (404: unknown model) stops the run with one line."""
+    graph = small_circuit(tmp_path / "c.json")
+    status = {"code": 400}
+
+    def reply(path, body):
+        if "Text examples:" not in body["messages"][-1]["content"]:
+            return Scripted(status=status["code"], body='{"error": {"message": "too long"}}')
+        return answer(body)
+
+    with FakeLLM(reply=reply) as fake:
+        argv = ["--model", "ioi-2l", "--graph", str(graph), "--level", "neuron", "--explainer", "exemplar-llm",
+                "--scorer", "detection", "--llm-base-url", fake.base_url, "--llm-model", "fake", "--llm-cache",
+                str(tmp_path / "c.sqlite"), "--max-units", "2", "--tokens", "1500", "--seq-len", "32"]
+        code, _, err = run(capsys, *argv, "--out", str(tmp_path / "a"))
+        assert code == 0, err
+        for ln in lines_of(tmp_path / "a"):
+            assert ln["explanation"] is None and "refused the explanation prompt" in ln["explanation_failed"]
+            assert ln["scores"]["detection"] is None and "no explanation" in ln["score_failures"]["detection"]
+        assert json.loads((tmp_path / "a" / "summary.json").read_text())["failed_explanations"] == 2
+        status["code"] = 404
+        code, _, err = run(capsys, *argv, "--out", str(tmp_path / "b"))
+        assert code == 1 and err.strip().splitlines()[-1].startswith("circuitexplain: error:") and "404" in err
+        assert not (tmp_path / "b" / "explanations.jsonl").exists()

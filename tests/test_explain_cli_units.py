@@ -96,3 +96,16 @@ def test_node_importance_and_unit_nodes():
         resolve_selection(G, "feature", ["f1.2"])
     assert resolve_selection(G, "feature", ["f1.2"], basis_hook="blocks.1.hook_resid_post").units == \
         ("f1.2@1.resid_post",)
+
+
+def test_explanation_without_marker_skips_a_fragment_cut_at_max_tokens():
+    from explainers.llm import prompts
+
+    cut = ("The neuron in this example is a simple network. It has one output.\n\n"
+           "The neuron in this example has a single output output, which")   # a real SmolLM2 reply, cut
+    assert prompts.parse_explanation(cut) == "The neuron in this example is a simple network"
+    assert prompts.parse_explanation("The neuron is a detector of quotes. It has a set of") == \
+        "The neuron is a detector of quotes"
+    assert prompts.parse_explanation("Reasoning first.\nfinal answer without a full stop") == "Reasoning first"
+    assert prompts.parse_explanation("only a fragment") == "only a fragment"
+    assert prompts.parse_explanation("blah\n[EXPLANATION]: Names of people. More text") == "Names of people"

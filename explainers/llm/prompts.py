@@ -130,12 +130,14 @@ def delphi_explainer_messages(records: Sequence[ActivationRecord], min_level: in
     return [{"role": "system", "content": _DELPHI_SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
 
 
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(\s|$)")
 _MARKERS = re.compile(r"\[EXPLANATION\]:|Explanation:|the main thing this neuron does is find", re.IGNORECASE)
 
 
 def parse_explanation(text: str | None) -> str:
     """The explanation in a reply: the first line after the last marker (``[EXPLANATION]:``,
-    ``Explanation:``) or, without one, the last non-empty line; its first sentence, stripped of quotes and a
+    ``Explanation:``) or, without one, the last non-empty line that holds a whole sentence (else the last
+    line: a reply cut at ``max_tokens`` ends in a fragment); its first sentence, stripped of quotes and a
     trailing full stop. Raises ``ValueError``
     with the reason when there is none: empty, longer than ``MAX_EXPLANATION_WORDS`` words, or echoing the
     prompt's record format."""
@@ -146,7 +148,12 @@ def parse_explanation(text: str | None) -> str:
     lines = [ln.strip() for ln in body.strip().splitlines() if ln.strip()]
     if not lines:
         raise ValueError("nothing after the explanation marker")
-    expl = (lines[0] if found else lines[-1]).strip().strip("\"'*` ")
+    if found:
+        expl = lines[0]
+    else:  # the last line holding a whole sentence: a reply cut at max_tokens ends in a fragment
+        whole = [ln for ln in lines if _SENTENCE_END.search(ln)]
+        expl = (whole or lines)[-1]
+    expl = expl.strip().strip("\"'*` ")
     expl = re.split(r"(?<=[.!?])\s", expl, maxsplit=1)[0].rstrip(".").strip()  # the first sentence
     if not expl:
         raise ValueError("empty explanation")

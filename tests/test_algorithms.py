@@ -397,17 +397,25 @@ def test_result_ranking_is_validated_and_round_trips():
         DiscoveryResult(scores, kept, "edge", "x", 1, 0, 0.0, ranking=torch.zeros(3))
 
 
-def test_connected_prefixes_equal_top_connected_per_size():
+def test_connected_prefixes_equal_the_longest_prefix_by_brute_force():
+    """Oracle: try every prefix length m of the |score| ranking with prune_to_connected and keep the largest
+    whose connected part has at most k edges."""
     from circuits.algorithms.select import connected_prefixes
 
     g = two_layer_graph(heads=2)
     for seed in range(3):
         s = torch.randn(len(g.edges), generator=torch.Generator().manual_seed(seed))
+        order = torch.sort(s.abs(), descending=True, stable=True).indices
+        prefixes = []
+        for m in range(len(g.edges) + 1):
+            mask = torch.zeros(len(g.edges), dtype=torch.bool)
+            mask[order[:m]] = True
+            prefixes.append(prune_to_connected(g, mask))
         counts = [0, 1, 3, 8, 20, len(g.edges)]
         got = connected_prefixes(g, s.abs(), counts)
         for i, k in enumerate(counts):
-            assert torch.equal(got[i], top_connected(g, s, k)), (seed, k)
-            assert int(got[i].sum()) <= k
+            want = [p for p in prefixes if int(p.sum()) <= k][-1]
+            assert torch.equal(got[i], want) and torch.equal(top_connected(g, s, k), want), (seed, k)
 
 
 def test_acdc_resume_with_a_warm_start_gives_the_same_result(tmp_path):

@@ -82,31 +82,27 @@ def top_connected(graph: Any, scores: Float[Tensor, " E"], k: int) -> Bool[Tenso
 
     Edges are ranked by ``|score|`` (ties: earlier edge first, NaN last); the result is
     ``prune_to_connected(top m)`` for the largest prefix length m whose connected part has at most ``k``
-    edges. The connected part only grows with m, so m is found by bisection. This is "keep the top k,
-    then drop what is not connected", with k counting the edges that survive: keeping the literal top k
-    can leave nothing connected when the best-scored edges do not form input -> logits paths.
+    edges. The connected part only grows with m, so m is found by bisection (:func:`connected_prefixes`,
+    batched). This is "keep the top k, then drop what is not connected", with k counting the edges that
+    survive: keeping the literal top k can leave nothing connected when the best-scored edges do not form
+    input -> logits paths.
     """
-    n = len(graph.edges)
-    s = scores.detach().float().abs().cpu()
-    key = torch.where(torch.isnan(s), torch.full_like(s, -1.0), s)
-    order = torch.sort(key, descending=True, stable=True).indices
-    n_ok = int((~torch.isnan(s)).sum())
+    return connected_prefixes(graph, scores.detach().double().cpu().abs(), [k], connectivity(graph))[0]
 
-    def connected(m: int) -> Bool[Tensor, " E"]:
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[order[:m]] = True
-        return prune_to_connected(graph, mask)
 
-    lo, hi = 0, n_ok  # invariant: |connected(lo)| <= k; find the largest such m
-    if int(connected(hi).sum()) <= k:
-        return connected(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if int(connected(mid).sum()) <= k:
-            lo = mid
-        else:
-            hi = mid
-    return connected(lo)
+_CONNECTIVITY: dict[int, tuple[Any, Any]] = {}
+
+
+def connectivity(graph: Any) -> Any:
+    """A :class:`Connectivity` for ``graph``, built once per graph object (the last few are kept)."""
+    hit = _CONNECTIVITY.get(id(graph))
+    if hit is not None and hit[0] is graph:
+        return hit[1]
+    conn = Connectivity(graph)
+    if len(_CONNECTIVITY) >= 4:
+        _CONNECTIVITY.pop(next(iter(_CONNECTIVITY)))
+    _CONNECTIVITY[id(graph)] = (graph, conn)
+    return conn
 
 
 class Connectivity:

@@ -60,8 +60,8 @@ def test_acdc_recovers_the_program_circuit_under_zero_ablation(tmp_path, model, 
     """Conmy et al.'s protocol: zero ablation, the l2 metric over every output position, the program circuit as
     ground truth, ACDC's ROC from its tau sweep. Target (as in the paper): AUC 1.0. EAP and EAP-IG (task
     metric over all positions) are reported whatever they reach."""
-    from evals.run import EvalConfig, evaluate_methods
     from evals.faithfulness import FaithfulnessConfig
+    from evals.run import EvalConfig, evaluate_methods
 
     cfg = EvalConfig(methods=("acdc", "eap", "eap-ig"), n_prompts=32, ablation="zero",
                      faithfulness=FaithfulnessConfig(random_seeds=2))

@@ -44,7 +44,9 @@ the mean faithfulness / KL over seeds; its CPR and CMD are the means of the per-
 
 Everything runs through ONE ``EdgePatcher``: the full model, the empty circuit, every method's sizes and
 every random circuit are rows of one ablation mask ``[K, E]`` evaluated with ``run_logits`` (K masks per
-forward; ``masks_per_call`` bounds memory).
+forward; ``masks_per_call`` bounds memory). Identical masks (the 100 % circuit and the full model, a random
+connected circuit that is empty at small sizes, ...) are run once: on a 120-thousand-edge model each mask is
+seconds of exact patching.
 """
 
 from __future__ import annotations
@@ -197,12 +199,13 @@ def evaluate_masks(patcher: Any, batch: Any, in_circuit: Bool[Tensor, "K E"], me
     ablate = torch.cat([torch.zeros(1, n_edges, dtype=torch.bool), torch.ones(1, n_edges, dtype=torch.bool),
                         ~in_circuit.cpu()])
     dev = getattr(batch, "device", torch.device("cpu"))
-    step = masks_per_call or ablate.shape[0]
+    distinct, inverse = torch.unique(ablate, dim=0, return_inverse=True)  # each distinct mask is run once
+    step = masks_per_call or distinct.shape[0]
     chunks = []
     with torch.no_grad():
-        for i in range(0, ablate.shape[0], step):
-            chunks.append(patcher.run_logits(ablate[i:i + step].to(dev)).double())
-    logits = torch.cat(chunks)  # [2 + K, B, V]
+        for i in range(0, distinct.shape[0], step):
+            chunks.append(patcher.run_logits(distinct[i:i + step].to(dev)).double())
+    logits = torch.cat(chunks)[inverse.to(chunks[0].device)]  # [2 + K, B, V]
     m = get_metric(metric, clean_logits=logits[0])(logits, batch).mean(-1).cpu()
     kl = KLToClean(logits[0])(logits, batch).mean(-1).cpu()
     m_full, m_empty = float(m[0]), float(m[1])

@@ -45,6 +45,27 @@ def test_faithfulness_is_one_for_full_and_zero_for_empty(ioi):
     assert float(ev["kl"][1]) == pytest.approx(float(ev["kl_empty"]), rel=1e-6)
 
 
+def test_identical_masks_are_run_once_with_the_same_numbers(ioi):
+    from patching.exact import EdgePatcher
+
+    model, graph, batch = ioi
+    patcher = EdgePatcher(model, graph, batch, ablation="resample", metric="logit_diff")
+    seen = []
+    run = patcher.run_logits
+    patcher.run_logits = lambda ablate: (seen.append(ablate.clone()), run(ablate))[1]
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(graph.n_edges, generator=g) < 0.5, torch.rand(graph.n_edges, generator=g) < 0.5
+    full = torch.ones(graph.n_edges, dtype=torch.bool)
+    ev = evaluate_masks(patcher, batch, torch.stack([a, b, a, full, b]), "logit_diff", masks_per_call=2)
+    ran = torch.cat(seen)
+    # full model, empty circuit, a, b: four distinct ablation masks (the full circuit is the full model)
+    assert ran.shape[0] == 4 and torch.unique(ran, dim=0).shape[0] == 4
+    # oracle: each circuit on its own, in a call of its own
+    alone = [float(evaluate_masks(patcher, batch, c[None], "logit_diff")["metric"][0]) for c in (a, b, full)]
+    assert ev["metric"].tolist() == pytest.approx([alone[0], alone[1], alone[0], alone[2], alone[1]], abs=1e-5)
+    assert float(ev["faithfulness"][3]) == pytest.approx(1.0, abs=1e-6) and float(ev["kl"][3]) == pytest.approx(0, abs=1e-6)
+
+
 def test_regression_random_baseline_well_below_eap_ig(ioi):
     """Regression: the 0.2 margins hold on the shipped ioi-2l checkpoint (random circuits are not faithful)."""
     from circuits.algorithms import DiscoveryConfig, get_algorithm, resolve_config

@@ -29,8 +29,10 @@ import platform
 import random
 import re
 import shlex
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -63,7 +65,50 @@ def synthetic_units(n: int, seed: int, lengths: tuple[int, int] = (10, 16)
 
 
 METRICS = {"prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
-           "prefix_cache_queries": "vllm:prefix_cache_queries_total", "prefix_cache_hits": "vllm:prefix_cache_hits_total"}
+           "prompt_tokens_cached": "vllm:prompt_tokens_cached_total",
+           "prefix_cache_queries": "vllm:prefix_cache_queries_total", "prefix_cache_hits": "vllm:prefix_cache_hits_total",
+           # per-request histograms' sums (seconds): in the one-by-one phase they add up to the engine's busy time
+           # split into prefill and decode; in the concurrent phase requests overlap, so they exceed the wall time
+           "prefill_seconds_sum": "vllm:request_prefill_time_seconds_sum",
+           "decode_seconds_sum": "vllm:request_decode_time_seconds_sum",
+           "queue_seconds_sum": "vllm:request_queue_time_seconds_sum",
+           "e2e_seconds_sum": "vllm:e2e_request_latency_seconds_sum"}
+
+
+class LoadSampler:
+    """The 1-minute load average (as `uptime` prints it) every ``every_s`` seconds while a phase runs."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s, self.samples = every_s, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        xs = self.samples or [os.getloadavg()[0]]
+        return {"mean": round(sum(xs) / len(xs), 2), "min": round(min(xs), 2), "max": round(max(xs), 2),
+                "samples": len(xs)}
+
+
+def uptime() -> str:
+    """`uptime`'s line (load averages over 1, 5 and 15 minutes)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def server_counters(base_url: str) -> dict[str, float]:
@@ -99,10 +144,11 @@ def phase(base_url: str, model: str, cache: Path, units: dict, concurrency: int,
     before = server_counters(base_url)
     t0 = time.perf_counter()
     outs = []
-    if prime and len(names) > 1:  # one unit alone first: the shared prefixes enter vLLM's prefix cache
-        outs += client.run(calls_of(names[:1]), desc="prime", progress=False)
-        names = names[1:]
-    outs += client.run(calls_of(names), desc=f"concurrency {concurrency}")
+    with LoadSampler() as load:
+        if prime and len(names) > 1:  # one unit alone first: the shared prefixes enter vLLM's prefix cache
+            outs += client.run(calls_of(names[:1]), desc="prime", progress=False)
+            names = names[1:]
+        outs += client.run(calls_of(names), desc=f"concurrency {concurrency}")
     seconds = time.perf_counter() - t0
     after = server_counters(base_url)
     client.close()
@@ -111,10 +157,22 @@ def phase(base_url: str, model: str, cache: Path, units: dict, concurrency: int,
         counters["prefix_cache_hit_rate"] = round(counters["prefix_cache_hits"] / counters["prefix_cache_queries"], 3)
     if counters.get("prompt_tokens"):
         counters["prompt_tokens_per_s"] = round(counters["prompt_tokens"] / seconds, 1)
+        computed = counters["prompt_tokens"] - counters.get("prompt_tokens_cached", 0.0)
+        counters["prompt_tokens_computed"] = computed
+        if counters.get("prefill_seconds_sum") and concurrency == 1:  # one at a time: sums are busy time
+            counters["prefill_tokens_per_s_alone"] = round(computed / counters["prefill_seconds_sum"], 1)
+    if concurrency == 1 and counters.get("prefill_seconds_sum") is not None:
+        # one request at a time: wall time = prefill + decode (+ queue) inside the engine + everything outside it
+        # (HTTP, tokenising, the API process building replies: the echoed prompt log-probs, the client)
+        engine = sum(counters.get(k, 0.0) for k in ("prefill_seconds_sum", "decode_seconds_sum", "queue_seconds_sum"))
+        counters["outside_engine_seconds"] = round(seconds - engine, 3)
+        if counters.get("generation_tokens") and counters.get("decode_seconds_sum"):
+            steps = counters["generation_tokens"] - len(outs)  # each request's first token comes with its prefill
+            counters["decode_ms_per_token_alone"] = round(1000 * counters["decode_seconds_sum"] / max(steps, 1), 2)
     return {"concurrency": concurrency, "calls": 2 * len(units), "seconds": round(seconds, 3),
             "calls_per_s": round(2 * len(units) / seconds, 3), "requests": client.stats["requests"],
             "cache_hits": client.stats["cache_hits"], "failed": sum(1 for o in outs if getattr(o, "failed", None)),
-            "primed": bool(prime), "server": counters}
+            "primed": bool(prime), "load_average_1min": load.summary(), "server": counters}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-base-url", help="use this endpoint instead of starting smollm2-135m locally")
     p.add_argument("--llm-model", default="smollm2-135m")
     p.add_argument("--server-args", default="", help="extra vLLM arguments, e.g. '--block-size 32'")
+    p.add_argument("--dtype", default="bfloat16", help="vLLM weights' dtype (default bfloat16)")
     p.add_argument("--threads", type=int, help="vLLM CPU threads, unbound (default: one bound per core)")
     p.add_argument("--prime", action="store_true", help="concurrent phase: one unit alone first (see above)")
     p.add_argument("--record-tokens", default="10,16", help="synthetic record length range (default 10,16)")
@@ -146,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting vLLM ({args.llm_model}) on port {port} ...", file=sys.stderr)
         try:
             yield srv.start_server(ensure_model(args.llm_model), name=args.llm_model, port=port,
-                                   threads=args.threads, extra_args=extra).base_url
+                                   threads=args.threads, dtype=args.dtype, extra_args=extra).base_url
         finally:
             srv.stop_server(port)
 
-    load_start = round(os.getloadavg()[0], 2)
+    load_start, uptime_start = round(os.getloadavg()[0], 2), uptime()
     with tempfile.TemporaryDirectory() as tmp:
         with serving() as url:
             seq = phase(url, args.llm_model, Path(tmp) / "seq.sqlite", units, 1, args.max_tokens)
@@ -164,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
               "rerun_cache_hit_rate": rerun["cache_hits"] / rerun["calls"],
               "fresh_server_per_phase": not args.llm_base_url, "server_args": args.server_args,
               "threads": args.threads, "record_tokens": [lo, hi],
-              "load_average_1min_at_start": load_start,
+              "dtype": args.dtype, "load_average_1min_at_start": load_start,
               "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, vLLM CPU (bf16, --enforce-eager)"}
+              "uptime_at_start": uptime_start, "uptime_at_end": uptime(),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, vLLM CPU ({args.dtype}, --enforce-eager)"}
     print(f"{'phase':<12}{'conc.':>6}{'calls':>7}{'seconds':>10}{'calls/s':>9}{'requests':>10}{'hits':>6}")
     for name in ("sequential", "concurrent", "rerun"):
         r = result[name]
@@ -175,9 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("sequential", "concurrent"):
         c = result[name]["server"]
         if c:
-            print(f"{name}: {c.get('prompt_tokens', 0):.0f} prompt tokens ({c.get('prompt_tokens_per_s', 0)}/s), "
-                  f"{c.get('generation_tokens', 0):.0f} generated, prefix-cache hit rate "
-                  f"{c.get('prefix_cache_hit_rate')}")
+            print(f"{name}: {c.get('prompt_tokens', 0):.0f} prompt tokens ({c.get('prompt_tokens_computed', 0):.0f} "
+                  f"computed, {c.get('prompt_tokens_per_s', 0)}/s), {c.get('generation_tokens', 0):.0f} generated, "
+                  f"prefix-cache hit rate {c.get('prefix_cache_hit_rate')}; load {result[name]['load_average_1min']}")
+    c = result["sequential"]["server"]
+    if c.get("prefill_seconds_sum") is not None:
+        print(f"one by one: prefill {c['prefill_seconds_sum']:.1f} s ({c.get('prefill_tokens_per_s_alone')} tokens/s), "
+              f"decode {c.get('decode_seconds_sum', 0):.1f} s ({c.get('decode_ms_per_token_alone')} ms/token), "
+              f"queue {c.get('queue_seconds_sum', 0):.1f} s, outside the engine {c['outside_engine_seconds']:.1f} s "
+              f"of {result['sequential']['seconds']:.1f} s")
     print(f"speedup {result['speedup']}x; rerun cache hits {result['rerun_cache_hit_rate']:.0%}; load average "
           f"{load_start} -> {result['load_average_1min_at_end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,24 @@ register(Recipe(
              Figure("logit_diff", None, True, "mean logit(IO) - logit(S) on held-out prompts"),
              Figure("corrupt_logit_diff", None, True, "same on the ABC-corrupted prompts")),
     description="2-layer Mamba (HF MambaForCausalLM, pure-torch path) on the same IOI data"))
+
+
+# The IOI size family (issue #11 item 7: the scale study): ioi-2l's data, optimiser, steps and seed, with only the
+# size changed (2 / 3 / 4 layers at d64, and d32 at 2 layers; ioi-2l is the d128 member; a 1-layer d64
+# model trained this way stays at chance, 0.51). head_dim stays 32.
+def _ioi_size(name: str, layers: int, width: int) -> Recipe:
+    return register(Recipe(
+        name=name, architecture="llama",
+        config={"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": width // 32,
+                "intermediate_size": 2 * width},
+        data="ioi", measure="ioi", steps=400, lr=3e-3, batch=128, seed=0, weight_decay=1.0,
+        figures=(Figure("accuracy", 0.95, True, _ACC),
+                 Figure("logit_diff", None, True, "mean logit(IO) - logit(S) on held-out prompts"),
+                 Figure("corrupt_logit_diff", None, True, "same on the ABC-corrupted prompts (should be near 0)")),
+        description=f"{layers}-layer Llama, d{width}: ioi-2l's recipe at another size (the SAE scale study)"))
+
+
+_ioi_size("ioi-2l-d32", 2, 32)
+_ioi_size("ioi-2l-d64", 2, 64)
+_ioi_size("ioi-3l-d64", 3, 64)
+_ioi_size("ioi-4l-d64", 4, 64)

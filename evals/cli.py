@@ -115,10 +115,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="most ablation masks per forward pass (memory budget)")
     p.add_argument("--device", help="cuda, cpu ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the result rows as JSON instead of a table")
+    from evals.levels_cli import add_level_args
+
+    add_level_args(p)  # --level feature|neuron|node: evals/levels.py
     p.set_defaults(func=run_circuits)
 
 
 def run_circuits(args: argparse.Namespace) -> int:
+    if getattr(args, "level", None):
+        from evals.levels_cli import run_levels
+
+        return run_levels(args)
     from evals.faithfulness import MIB_PERCENTAGES, FaithfulnessConfig
     from evals.report import format_table, split_sentence, write_report
     from evals.run import EvalConfig, evaluate_methods

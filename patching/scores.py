@@ -16,7 +16,7 @@ from torch import Tensor
 
 from patching.graph import ComponentGraph
 
-LEVELS = ("edge", "node", "neuron")
+LEVELS = ("edge", "node", "neuron", "feature", "feature-edge")  # feature levels: patching/features.py
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,7 +60,15 @@ class Scores:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], graph: ComponentGraph | None = None) -> Scores:
-        g = graph if graph is not None else ComponentGraph.from_dict(d["graph"])
+        if graph is not None:
+            g = graph
+        elif d["level"] in ("feature", "feature-edge"):
+            # a feature graph's bases are not serialised: pass graph= to score with it again
+            from patching.features import FeatureGraph
+
+            g = FeatureGraph.from_dict(d["graph"])
+        else:
+            g = ComponentGraph.from_dict(d["graph"])
         return cls(graph=g, level=d["level"], values=torch.tensor(d["values"], dtype=torch.float32),
                    ids=tuple(d["ids"]), method=d["method"], ablation=d["ablation"], metric=d["metric"],
                    forward_passes=int(d["forward_passes"]), seconds=float(d["seconds"]))
@@ -74,6 +82,10 @@ def unit_ids(graph: ComponentGraph, level: str) -> tuple[str, ...]:
         return tuple(n.id for n in graph.nodes)
     if level == "neuron":
         return tuple(n.id for n in graph.nodes if n.kind == "neuron")
+    if level == "feature":
+        return tuple(graph.ids)
+    if level == "feature-edge":
+        return tuple(e.id for e in graph.edges)
     raise ValueError(f"unknown level {level!r}; choose one of {LEVELS}")
 
 

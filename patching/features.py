@@ -276,7 +276,8 @@ class FeatureGraph:
 
 
 # the scoring API lives in its own modules (they import nothing from here at import time); exported here
+from patching.features_attr import feature_edge_scores  # noqa: E402
 from patching.features_run import FeaturePatcher, feature_node_scores  # noqa: E402
 
 __all__ = ["FeatureGraph", "FeatureNode", "SiteInfo", "hook_short", "FEATURE_KINDS", "feature_node_scores",
-           "FeaturePatcher"]
+           "feature_edge_scores", "FeaturePatcher"]

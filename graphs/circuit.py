@@ -5,12 +5,17 @@ with the ones kept in the circuit marked ``in_circuit``. It is pure networkx + s
 it can be saved, loaded, compared and exported anywhere.
 
 Node ids (the engine's component ids): ``embed``, ``pos_embed``, ``a{L}.h{H}`` (attention head),
-``m{L}`` (MLP), ``m{L}.n{I}`` (MLP neuron), ``f{L}.{I}`` (SAE feature), ``b{L}`` (whole block),
-``logits``.
+``m{L}`` (MLP), ``m{L}.n{I}`` (MLP neuron), ``f{L}.{I}@{hook-short}`` (feature ``I`` of the SAE spliced at
+that hook; the older ``f{L}.{I}`` without a site is still read), ``err@{hook-short}`` (the reconstruction
+error of that SAE: everything it misses), ``b{L}`` (whole block), ``logits``. ``hook-short`` is the hook
+without ``blocks.`` and the ``hook_`` of its last part (``blocks.1.hook_resid_post`` -> ``1.resid_post``;
+``explainers/units.py``); its layer must be the node's.
 
 Node attributes: ``kind``, ``layer`` (``-1`` for ``embed``/``pos_embed``; absent or after the last
 layer for ``logits``), ``head`` (attention heads), ``index`` (neurons, features), ``hook`` (the
-TransformerLens hook, when known), ``score`` (float), ``in_circuit`` (bool).
+TransformerLens hook, when known), ``score`` (float), ``in_circuit`` (bool). Feature-circuit nodes
+(kinds ``feature`` and ``error``; patching/features.py, docs/features.md) also carry ``sae`` (the name of
+the SAE the unit belongs to, e.g. its directory name) and ``hook`` (the SAE's site).
 
 Edge attributes: a DiGraph keeps one edge per (sender, receiver). An attention receiver reads up to
 three inputs, so such an edge is *split*: it carries ``score_q/k/v`` and ``in_circuit_q/k/v`` for the
@@ -40,7 +45,8 @@ from typing import Any, NamedTuple
 
 import networkx as nx
 
-KINDS = ("embed", "pos_embed", "attn_head", "mlp", "neuron", "feature", "block", "logits")
+KINDS = ("embed", "pos_embed", "attn_head", "mlp", "neuron", "feature", "error", "block", "logits")
+SITE_KINDS = ("feature", "error")  # units of a spliced SAE site: may connect within one layer
 INPUT_KINDS = ("embed", "pos_embed")
 QKV = ("q", "k", "v")
 REQUIRED_GRAPH_ATTRS = ("model", "task", "method", "ablation", "metric", "seed", "version", "created")
@@ -52,7 +58,8 @@ _ID_PATTERNS: tuple[tuple[re.Pattern[str], str, tuple[str, ...]], ...] = (
     (re.compile(r"a(\d+)\.h(\d+)"), "attn_head", ("layer", "head")),
     (re.compile(r"m(\d+)"), "mlp", ("layer",)),
     (re.compile(r"m(\d+)\.n(\d+)"), "neuron", ("layer", "index")),
-    (re.compile(r"f(\d+)\.(\d+)"), "feature", ("layer", "index")),
+    (re.compile(r"f(\d+)\.(\d+)(?:@(?:\1)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?"), "feature", ("layer", "index")),
+    (re.compile(r"err@(\d+)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"), "error", ("layer",)),
     (re.compile(r"b(\d+)"), "block", ("layer",)),
 )
 _EDGE_ID = re.compile(r"(?P<sender>[^<>]+?)->(?P<receiver>[^<>]+?)(?:<(?P<input>[qkv])>)?")
@@ -96,7 +103,8 @@ def parse_node_id(s: str) -> dict[str, Any]:
                 out.update({f: int(g) for f, g in zip(fields, m.groups(), strict=True)})
                 return out
     raise ValueError(
-        f"bad node id {s!r}: expected embed, pos_embed, a<L>.h<H>, m<L>, m<L>.n<I>, f<L>.<I>, b<L> or logits"
+        f"bad node id {s!r}: expected embed, pos_embed, a<L>.h<H>, m<L>, m<L>.n<I>, f<L>.<I>[@<L>.<site>], "
+        f"err@<L>.<site>, b<L> or logits"
     )
 
 
@@ -346,7 +354,7 @@ def _validate_edge(G: nx.DiGraph, u: str, v: str, d: dict[str, Any]) -> None:
     su, sv = G.nodes[u], G.nodes[v]
     if su["kind"] == "logits" or sv["kind"] in INPUT_KINDS:
         raise ValueError(f"{name}: logits sends nothing and {sv['kind']} receives nothing")
-    both_features = su["kind"] == "feature" or sv["kind"] == "feature"
+    both_features = su["kind"] in SITE_KINDS or sv["kind"] in SITE_KINDS
     same_layer_feature = both_features and su.get("layer") == sv.get("layer")
     if not same_layer_feature and _order_key(su) >= _order_key(sv):
         raise ValueError(f"{name}: the sender does not come before the receiver in the forward pass")

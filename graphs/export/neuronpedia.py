@@ -68,7 +68,7 @@ def node_fields(n: str, d: dict[str, Any], logits_layer: int, sign: float = -1.0
         sub = 2 * d["layer"] + (0 if kind == "attn_head" else 1)
         if kind == "attn_head":
             feature, ftype = d["head"], "lorsa"
-        elif kind in ("mlp", "block"):
+        elif kind in ("mlp", "block", "error"):
             feature, ftype = -1, "mlp reconstruction error"
         else:
             feature, ftype = d["index"], "cross layer transcoder"

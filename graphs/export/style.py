@@ -17,7 +17,7 @@ OPPOSES = "#b2182b"  # score > 0: ablating raises the metric
 NEUTRAL = "#9e9e9e"  # no score, or not in the circuit
 KIND_FILL = {
     "embed": "#d9f0d3", "pos_embed": "#d9f0d3", "attn_head": "#fee8c8", "mlp": "#deebf7",
-    "neuron": "#deebf7", "feature": "#e7d4e8", "block": "#f0f0f0", "logits": "#fddbc7",
+    "neuron": "#deebf7", "feature": "#e7d4e8", "error": "#f2f2f2", "block": "#f0f0f0", "logits": "#fddbc7",
 }
 COLUMN_SPACING = 220.0
 ROW_SPACING = 60.0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from circuits.algorithms import ALGORITHMS, DiscoveryConfig
 from circuits.algorithms.base import ABLATIONS, LEVELS
+from circuits.discover_features import FEATURE_METHODS
 
 EPILOG = """\
 methods:
@@ -32,6 +33,14 @@ methods:
   accuracy (not differentiable) and kl for eap / node-atp (zero at the clean run; eap-ig integrates it).
   Whether a method applies is decided from the model's config before any weights load.
 
+feature circuits (--level feature, docs/features.md):
+  --sae DIR[,DIR...] splices SAEs (SAELens layout; each cfg.json names its hook) into the model; the units
+  are each site's candidate features (active on the task, at most --max-features-per-site, default 64) and
+  one error node per site (what the SAE misses). Methods: node-atp, node-ig, node-patch (level feature:
+  node scores) and eap, eap-ig (feature-to-feature and feature-to-logits edges between directly connected
+  sites). The SAE directories, hooks and widths are checked against the model's config before its weights
+  load.
+
 held-out evaluation:
   --eval-prompts N measures the circuit again on N prompts it was not found on (a generator makes
   -n + N prompts and holds N out; a file holds out N of its lines; seeded by --seed, disjoint): the
@@ -45,6 +54,8 @@ examples:
   circuitexplain discover --model ioi-2l --task ioi --method eap-ig --topk 30 --eval-prompts 32 --out e.json
   circuitexplain discover --model smollm2-135m --task ioi --method acdc --warm-start 2000 --prompt-batch 8 \
       --dtype bfloat16 --out smol-acdc.json
+  circuitexplain discover --model ioi-2l --task ioi --level feature --sae saes/r0,saes/r1 --method eap-ig \
+      --max-features-per-site 32 --out ioi-features.json
 """
 
 
@@ -74,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="zoo name (see `circuitexplain zoo list`), HF model dir or hub name")
     p.add_argument("--task", required=True, help="task generator name (ioi, induction, greater_than, dyck) or a .jsonl file")
-    p.add_argument("--method", required=True, choices=sorted(ALGORITHMS), help="discovery algorithm")
+    p.add_argument("--method", required=True, choices=sorted(set(ALGORITHMS) | set(FEATURE_METHODS)),
+                   help="discovery algorithm (--level feature: node-atp, node-ig, node-patch, eap, eap-ig)")
     p.add_argument("--ablation", default="resample", choices=ABLATIONS,
                    help="replace ablated activations by the corrupted run's (resample), the mean, or zero "
                         "(default: resample)")
@@ -93,8 +105,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", type=float, default=0.8, dest="faithfulness_target", metavar="F",
                    help="scoring methods without --topk/--threshold: the smallest circuit with faithfulness "
                         ">= F; greedy: its stopping point (default 0.8)")
-    p.add_argument("--level", choices=LEVELS, help="edge (acdc, eap, eap-ig, greedy), node or neuron (node methods); "
-                                                   "default: the method's first level")
+    p.add_argument("--level", choices=(*LEVELS, "feature"),
+                   help="edge (acdc, eap, eap-ig, greedy), node or neuron (node methods), feature (SAE features "
+                        "and error nodes, with --sae); default: the method's first level")
+    p.add_argument("--sae", metavar="DIR[,DIR...]",
+                   help="--level feature: SAE directories (SAELens layout), one per site")
+    p.add_argument("--max-features-per-site", type=int, default=64, metavar="N", dest="max_features_per_site",
+                   help="--level feature: candidate features per site, the N most active on the task "
+                        "(default 64; 0 keeps only the error nodes)")
+    p.add_argument("--min-activation", type=float, default=0.0, metavar="X", dest="min_activation",
+                   help="--level feature: a candidate's largest |activation| on the task must exceed X (default 0)")
     p.add_argument("--metric", help="metric the method scores with: kl, logit_diff, prob_diff, accuracy "
                                     "(default: kl for acdc, the task's metric otherwise)")
     p.add_argument("-n", "--n-prompts", type=int, default=32, dest="n_prompts",
@@ -123,9 +143,122 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def sae_dirs(text: str) -> list[Path]:
+    """``DIR[,DIR...]`` -> paths; one-line errors for an empty list or a repeated directory."""
+    dirs = [Path(t.strip()) for t in text.split(",") if t.strip()]
+    if not dirs:
+        raise ValueError("--sae: give at least one SAE directory")
+    if len({d.resolve() for d in dirs}) != len(dirs):
+        raise ValueError(f"--sae {text}: a directory is given twice")
+    return dirs
+
+
+def _site_width(hook: str, facts) -> int | None:
+    """The width of a block hook's activation from the model's config (``None``: not known by name)."""
+    last = hook.split(".")[-1]
+    if ".mlp." in hook and last in ("hook_pre", "hook_post"):
+        return facts.d_mlp
+    if hook.endswith("attn.hook_z"):
+        return facts.n_heads * facts.d_head
+    if last in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
+                "hook_in", "hook_out"):
+        return facts.d_model
+    return None
+
+
+def check_saes(dirs: list[Path], model: str) -> list[dict]:
+    """Read each SAE's cfg.json (no weights) and check its hook against the model's config: a block hook of an
+    existing layer, one SAE per hook, ``d_in`` equal to the hook's width. Returns the configs."""
+    import re
+
+    from circuits.models import model_facts
+    from explainers.sae.io import read_sae_config  # the CLI is the one place circuits reads SAE directories
+
+    facts = model_facts(model)
+    seen: dict[str, Path] = {}
+    cfgs = []
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"--sae {d}: no such directory")
+        try:
+            cfg = read_sae_config(d)
+        except FileNotFoundError as e:
+            raise ValueError(f"--sae {d}: {e}") from None
+        if not (d / "sae_weights.safetensors").is_file():
+            raise ValueError(f"--sae {d}: no sae_weights.safetensors")
+        hook = str((cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name") or "")
+        m = re.fullmatch(r"blocks\.(\d+)\..*hook_\w+", hook)
+        if not m:
+            raise ValueError(f"--sae {d}: its hook {hook!r} (cfg.json metadata.hook_name) is not a block hook "
+                             "(blocks.<layer>....hook_<name>)")
+        if int(m[1]) >= facts.n_layers:
+            raise ValueError(f"--sae {d}: hook {hook} is absent from {model} ({facts.n_layers} layers)")
+        if hook in seen:
+            raise ValueError(f"--sae {d}: a second SAE for hook {hook} (first: {seen[hook]}); one SAE per site")
+        seen[hook] = d
+        width = _site_width(hook, facts)
+        if width is not None and int(cfg.get("d_in", -1)) != width:
+            raise ValueError(f"--sae {d}: d_in={cfg.get('d_in')} but {hook} of {model} has width {width}")
+        cfgs.append(cfg)
+    return cfgs
+
+
+def run_features(args: argparse.Namespace) -> int:
+    """``--level feature``: checks (method, metric, SAE directories against the model's config) before any
+    weights load, then the model, the SAEs on its device, :func:`circuits.discover_features.discover_features`."""
+    from circuits.discover_features import check_feature_method, discover_features
+    from graphs.circuit import save
+
+    if args.sae is None:
+        raise ValueError("--level feature needs --sae DIR[,DIR...] (SAE directories, SAELens layout)")
+    check_feature_method(args.method, args.metric, args.ig_steps)
+    for flag, bad in (("--warm-start", args.warm_start), ("--resume", args.resume), ("--checkpoint", args.checkpoint),
+                      ("--qk-fix", args.qk_fix), ("--per-position", args.per_position),
+                      ("--multi-removal", args.multi_removal)):
+        if bad:
+            raise ValueError(f"{flag} does not apply to --level feature")
+    if args.max_features_per_site < 0:
+        raise ValueError(f"--max-features-per-site must be >= 0, got {args.max_features_per_site}")
+    dirs = sae_dirs(args.sae)
+    check_saes(dirs, args.model)
+    from circuits.discover import make_task
+    from circuits.models import load_model
+    from explainers.bases.features import FeatureBasis
+
+    topk, frac = args.topk if args.topk else (None, None)
+    config = DiscoveryConfig(ablation=args.ablation, metric=args.metric, threshold=args.threshold, topk=topk,
+                             topk_fraction=frac, faithfulness_target=args.faithfulness_target,
+                             ig_steps=args.ig_steps, n_prompts=args.n_prompts, seed=args.seed,
+                             chunk_size=args.chunk_size, progress=not args.no_progress,
+                             prompt_batch=args.prompt_batch)
+    t0 = time.perf_counter()
+    make_task(args.task, 1, args.seed, args.model)  # an unknown task fails here, before the weights
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    dev = str(next(model.parameters()).device)
+    bases, names = {}, {}
+    for d in dirs:
+        b = FeatureBasis.load(d, device=dev)
+        bases[b.hook], names[b.hook] = b, d.resolve().name
+    G = discover_features(model, args.task, args.method, bases, config, sae_names=names,
+                          max_features_per_site=args.max_features_per_site, min_activation=args.min_activation,
+                          name=args.model, eval_prompts=args.eval_prompts)
+    out = Path(args.out)
+    save(G, out)
+    summary = summarize(G, out, time.perf_counter() - t0)
+    print(json.dumps(summary, sort_keys=True) if args.json else format_summary(summary))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from circuits.discover import discover
     from graphs.circuit import save
+
+    if args.level == "feature":
+        return run_features(args)
+    if args.sae is not None:
+        raise ValueError("--sae applies to --level feature only")
+    if args.method not in ALGORITHMS:
+        raise ValueError(f"method {args.method!r} applies to --level feature only")
 
     topk, frac = args.topk if args.topk else (None, None)
     out = Path(args.out)
@@ -163,7 +296,7 @@ def summarize(G, out: Path, wall: float) -> dict:
     """The numbers the CLI reports about a discovered circuit graph."""
     level = G.graph.get("level", "edge")
     nodes = sum(1 for _, d in G.nodes(data=True) if d.get("in_circuit"))
-    if level == "edge":
+    if level in ("edge", "feature-edge"):
         from graphs.circuit import edge_ids
 
         edges, total = len(edge_ids(G, in_circuit_only=True)), len(edge_ids(G, in_circuit_only=False))
@@ -188,7 +321,8 @@ def _num(x, fmt: str) -> str:
 
 
 def format_summary(s: dict) -> str:
-    unit = "edges" if s["level"] == "edge" else f"{s['level']}s"
+    unit = {"edge": "edges", "feature-edge": "feature edges", "feature": "features and error nodes"}.get(
+        s["level"], f"{s['level']}s")
     return "\n".join([
         f"{s['method']} on {s['model']} / {s['task']} ({s['ablation']} ablation, metric {s['metric']})",
         f"  kept       {s['units_kept']} of {s['units']} {unit}; circuit has {s['nodes']} nodes, {s['edges']} edges",

@@ -9,6 +9,8 @@ logits are always in the circuit (they are not units). The ComponentGraph's edge
 marked ``in_circuit`` when both ends are (so viewers can draw the circuit). At neuron level the attention
 heads are not units (never ablated): they count as in the circuit, and an MLP node is in the circuit
 when one of its neurons is.
+
+Feature levels (``feature``, ``feature-edge``): :func:`feature_circuit_graph`.
 """
 
 from __future__ import annotations
@@ -72,4 +74,44 @@ def to_circuit_graph(graph: Any, result: DiscoveryResult, *, model: str, task: s
         for e in graph.edges:
             add_connection(G, e.sender, e.receiver, input=e.input,
                            in_circuit=member[e.sender] and member[e.receiver])
+    return G
+
+
+def feature_circuit_graph(fgraph: Any, scores: Any, kept: Any, nodes: Any, *, model: str, task: str, method: str,
+                          ablation: str, metric: str, seed: int, **graph_attrs: Any) -> nx.DiGraph:
+    """A CircuitGraph of a feature circuit (:mod:`circuits.discover_features`; schema: graphs/circuit.py).
+
+    Every node of the :class:`patching.features.FeatureGraph`: features (kind ``feature``, ``index`` in its SAE)
+    and error nodes (kind ``error``) with ``hook`` (the SAE's site), ``site`` (its short name, for grouping) and
+    ``sae`` (the SAE's name); ``logits``. ``nodes`` (``[N]``) marks the circuit's nodes (logits always).
+    Level ``feature``: nodes carry their score; every edge of the feature graph is added unscored, in the circuit
+    when both ends are. Level ``feature-edge``: every edge carries its score and ``kept`` flag (aligned with
+    ``fgraph.edges``). Graph attributes add ``level``, ``sites`` and ``saes`` (comma-separated, forward order),
+    ``max_features_per_site``, ``min_activation`` and ``n_features`` (candidates in the graph).
+    """
+    level = scores.level
+    values = [float(v) for v in scores.values.detach().cpu().tolist()]
+    in_c = [bool(v) for v in nodes.tolist()]
+    meta = fgraph.meta
+    attrs = {"level": level, "sites": ",".join(s.hook for s in fgraph.sites),
+             "saes": ",".join(s.sae for s in fgraph.sites), "min_activation": meta.get("min_activation"),
+             "max_features_per_site": meta.get("max_features_per_site"),
+             "n_features": sum(len(s.candidates) for s in fgraph.sites), **graph_attrs}
+    G = new_circuit(model=model, task=task, method=method, ablation=ablation, metric=metric, seed=seed,
+                    **{k: v for k, v in attrs.items() if v is not None})
+    for i, n in enumerate(fgraph.nodes):
+        score = _finite(values[i]) if level == "feature" and n.kind != "logits" else None
+        if n.kind == "logits":
+            add_component(G, n.id, kind="logits", layer=None, hook=n.hook, in_circuit=True)
+            continue
+        site = fgraph.sites[n.site]
+        add_component(G, n.id, kind=n.kind, layer=n.layer, index=n.index, hook=n.hook, score=score,
+                      in_circuit=in_c[i], sae=n.sae, site=site.short)
+    kept_l = [bool(v) for v in kept.tolist()]
+    for j, e in enumerate(fgraph.edges):
+        if level == "feature-edge":
+            add_connection(G, e.sender, e.receiver, score=_finite(values[j]), in_circuit=kept_l[j])
+        else:
+            add_connection(G, e.sender, e.receiver,
+                           in_circuit=in_c[fgraph.node_index[e.sender]] and in_c[fgraph.node_index[e.receiver]])
     return G

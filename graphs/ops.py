@@ -113,6 +113,7 @@ def prune(G: nx.DiGraph, threshold: float | None = None, topk: int | None = None
     uses G's edges among the kept nodes, and is skipped when ``G`` has no edges at all).
     """
     level = level or str(G.graph.get("level", "edge"))
+    level = {"feature": "node", "feature-edge": "edge"}.get(level, level)  # feature circuits (docs/features.md)
     if level not in ("edge", "node", "neuron"):
         raise ValueError(f"prune: level must be edge, node or neuron, got {level!r}")
     sources, sinks = _inputs_and_outputs(G)

@@ -325,6 +325,10 @@ class FeaturePatcher:
         return self.engine.forward_passes
 
     @property
+    def metric_name(self) -> str:
+        return self.engine.metric_name
+
+    @property
     def ablatable(self) -> Bool[Tensor, " N"]:
         return self.fgraph.ablatable()
 

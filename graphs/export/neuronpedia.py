@@ -15,6 +15,14 @@ circuit node              ``feature_type`` / ``layer``        ``node_id`` / ``js
 ``logits``                ``logit`` / 2 * n_layers            ``{2n}_0_0`` / ``L_0-0`` / 0
 ========================  ==================================  ============================================
 
+**Feature circuits** (nodes ``f{L}.{I}@{site}`` / ``err@{site}`` at SAE sites, :mod:`graphs.export.sites`):
+several SAEs may share a layer (``0.mlp_out`` and ``0.resid_post``), so the Neuronpedia ``layer`` is the node's
+column in the site layout the HTML viewer draws (residual order: embeddings ``"E"``, then one column per site
+and per component group, the logits last). A feature is ``{col}_{I}_0`` (``cross layer transcoder``, ``feature``
+= its index in its SAE), the site's error node ``{col}_-1_0`` (``mlp reconstruction error``, Neuronpedia's
+error-node type), heads ``lorsa`` and MLPs as above; ``clerp`` adds the SAE name in brackets, and
+``metadata.circuitexplain_layers`` maps every layer number to its label, site, hook and SAE.
+
 The layer numbers interleave attention (even) and MLP (odd) sub-layers as Neuronpedia does for graphs
 with attention (lorsa) units; a whole MLP (or block) is its sub-layer's "error node": the part of the
 output not split into features. ``clerp`` (the label) is our component id plus its score.
@@ -41,6 +49,7 @@ from typing import Any
 import networkx as nx
 
 from graphs.circuit import package_version, validate
+from graphs.export.sites import has_sites, site_layout
 from graphs.export.style import LOWER_IS_BETTER
 
 
@@ -80,6 +89,31 @@ def node_fields(n: str, d: dict[str, Any], logits_layer: int, sign: float = -1.0
             "activation": None, **({"is_target_logit": True} if kind == "logits" else {})}
 
 
+def site_node_fields(n: str, d: dict[str, Any], column: int, sign: float = -1.0) -> dict[str, Any]:
+    """The Neuronpedia node of ``n`` in a feature graph (module docstring, "Feature circuits"): the Neuronpedia
+    layer is the node's site column."""
+    kind = d["kind"]
+    if kind in ("embed", "pos_embed"):
+        return node_fields(n, d, 0, sign)
+    layer = str(column)
+    if kind == "logits":
+        feature, node_id, js, ftype = 0, f"{layer}_0_0", "L_0-0", "logit"
+    else:
+        if kind == "attn_head":
+            feature, ftype = d["head"], "lorsa"
+        elif kind in ("mlp", "block", "error"):
+            feature, ftype = -1, "mlp reconstruction error"
+        else:
+            feature, ftype = d["index"], "cross layer transcoder"
+        node_id, js = f"{layer}_{feature}_0", f"{layer}_{feature}-0"
+    score = d.get("score")
+    label = n if not d.get("sae") else f"{n} [{d['sae']}]"
+    clerp = label if score is None else f"{label} (score {score:+.4g})"
+    return {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": 0, "feature_type": ftype,
+            "jsNodeId": js, "clerp": clerp, "influence": None if score is None else sign * score + 0.0,
+            "activation": None, **({"is_target_logit": True} if kind == "logits" else {})}
+
+
 def _slug(G: nx.DiGraph) -> str:
     text = f"{G.graph['model']}-{G.graph['task']}-{G.graph['method']}".lower()
     return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "circuit"
@@ -90,9 +124,11 @@ def to_neuronpedia(G: nx.DiGraph, *, prompt: str | None = None) -> dict[str, Any
     validate(G)
     logits_layer = _layer_of_logits(G)
     sign = support_sign(G.graph.get("metric"))
+    grouped = has_sites(G)
+    pos, labels, sites = site_layout(G) if grouped else ({}, {}, {})
     nodes, ids = [], {}
     for n, d in G.nodes(data=True):
-        fields = node_fields(n, d, logits_layer, sign)
+        fields = site_node_fields(n, d, pos[n][0], sign) if grouped else node_fields(n, d, logits_layer, sign)
         if fields["node_id"] in ids.values():
             other = next(k for k, v in ids.items() if v == fields["node_id"])
             raise ValueError(f"node {n}: Neuronpedia id {fields['node_id']} is taken by node {other}")
@@ -116,6 +152,11 @@ def to_neuronpedia(G: nx.DiGraph, *, prompt: str | None = None) -> dict[str, Any
         },
         "circuitexplain": {**G.graph, "weight_sign": "+score" if sign > 0 else "-score"},
     }
+    if grouped:  # what each Neuronpedia layer number stands for
+        metadata["circuitexplain_layers"] = {
+            str(c): ({"label": text} | next(({"site": site, "hook": info["hook"], "sae": info["sae"]}
+                                             for site, info in sites.items() if info["column"] == c), {}))
+            for c, text in labels.items()}
     for key in ("prune_threshold",):
         if key in G.graph:
             metadata["pruning_settings"] = {"edge_threshold": float(G.graph[key])}

@@ -1,6 +1,7 @@
 /* circuitexplain circuit viewer: plain JS + SVG, no libraries, works offline.
- * Reads the graph from <script id="circuit-data">: {graph, columns, nodes: [{id, col, row, attrs}],
- * edges: [{id, source, target, input, score, in_circuit}] (one per scored input), edge_attrs: {"u->v": attrs}}. */
+ * Reads the graph from <script id="circuit-data">: {graph, columns, nodes: [{id, col, row, attrs, site?, label?}],
+ * edges: [{id, source, target, input, score, in_circuit}] (one per scored input), edge_attrs: {"u->v": attrs},
+ * sites?: [{site, column, hook, sae, ...}] (feature circuits: one column per SAE site, framed)}. */
 (function () {
   "use strict";
   var DATA = JSON.parse(document.getElementById("circuit-data").textContent);
@@ -167,6 +168,21 @@
       var empty = el("text", { x: 150, y: 100, id: "empty", "text-anchor": "middle" }, svg);
       empty.textContent = "nothing to show";
     }
+    // feature circuits: a frame around each SAE site's visible nodes (one column per site)
+    var boxes = {}, siteOrder = [];
+    nodes.forEach(function (n) {
+      if (!n.site) return;
+      var p = pos[n.id], b = boxes[n.site];
+      if (!b) { b = boxes[n.site] = { x: p.x, y0: p.y, y1: p.y, n: 0 }; siteOrder.push(n.site); }
+      b.y0 = Math.min(b.y0, p.y); b.y1 = Math.max(b.y1, p.y); b.n += 1;
+    });
+    var groupLayer = el("g", { "class": "site-groups" }, svg);
+    siteOrder.forEach(function (s) {
+      var b = boxes[s];
+      el("rect", { x: b.x - NODE_W / 2 - 8, y: b.y0 - NODE_H / 2 - 8, width: NODE_W + 16,
+        height: b.y1 - b.y0 + NODE_H + 16, rx: 12, "class": "site-group", "data-site": s, "data-count": b.n },
+        groupLayer);
+    });
     var edgeLayer = el("g", { "class": "edges" }, svg);
     var nodeLayer = el("g", { "class": "nodes" }, svg);
     // strongest edges drawn last (on top)
@@ -184,11 +200,12 @@
       var p = pos[n.id];
       var g = el("g", { "class": "node " + (n.in_circuit ? "in" : "out"), "data-id": n.id,
         "data-kind": n.attrs.kind, transform: "translate(" + p.x + "," + p.y + ")" }, nodeLayer);
+      if (n.site) g.setAttribute("data-site", n.site);
       el("rect", { x: -NODE_W / 2, y: -NODE_H / 2, width: NODE_W, height: NODE_H, rx: 9,
         fill: FILL[n.attrs.kind] || "#eee" }, g);
       var hasScore = typeof n.attrs.score === "number";
       var label = el("text", { x: 0, y: hasScore ? -7 : 0 }, g);
-      label.textContent = n.id;
+      label.textContent = n.label || n.id;
       if (hasScore) {
         var sc = el("text", { x: 0, y: 9, "class": "score" }, g);
         sc.textContent = fmt(n.attrs.score);

@@ -8,6 +8,10 @@ ablating lowers the metric, red: raises it, grey dashed: outside the circuit). C
 tooltips with every attribute, wheel zoom and drag pan. The title shows the graph attributes. Every
 node is an SVG ``<g class="node" data-id=ID>``, every edge input a ``<g class="edge-group"
 data-id=EDGE_ID>``. The graph is embedded as JSON in ``<script type="application/json">``.
+
+Feature circuits (SAE features ``f{L}.{I}@{site}`` and error nodes ``err@{site}``) are grouped by site: one
+column per SAE site in residual order (:mod:`graphs.export.sites`), labelled with the site and the SAE, its
+nodes framed by a ``<rect class="site-group" data-site=SITE>`` and tagged ``data-site=SITE``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 import networkx as nx
 
 from graphs.circuit import draw_column, edge_id, edge_inputs, package_version, positions, validate
+from graphs.export.sites import has_sites, node_site, site_layout
 from graphs.export.style import KIND_FILL
 
 
@@ -47,16 +52,34 @@ def _column_labels(G: nx.DiGraph) -> dict[int, str]:
 
 def viewer_data(G: nx.DiGraph) -> dict[str, Any]:
     """The JSON the page embeds: graph attrs, column labels, kind colours, nodes with (column, row),
-    one entry per scored edge input, and each DiGraph edge's attributes once (``edge_attrs``)."""
+    one entry per scored edge input, and each DiGraph edge's attributes once (``edge_attrs``).
+
+    A feature graph (nodes at SAE sites, :mod:`graphs.export.sites`) is laid out one column per site; its nodes
+    carry ``site`` and a short ``label`` (``f1.17``, ``error``), and ``sites`` lists each site's column, hook,
+    SAE and node counts."""
     validate(G)
-    pos = positions(G)
-    nodes = [{"id": n, "col": pos[n][0], "row": pos[n][1], "in_circuit": bool(d.get("in_circuit")),
-              "attrs": dict(d)} for n, d in G.nodes(data=True)]
+    grouped = has_sites(G)
+    if grouped:
+        pos, columns, sites = site_layout(G)
+    else:
+        pos, columns, sites = positions(G), _column_labels(G), {}
+    nodes = []
+    for n, d in G.nodes(data=True):
+        entry = {"id": n, "col": pos[n][0], "row": pos[n][1], "in_circuit": bool(d.get("in_circuit")),
+                 "attrs": dict(d)}
+        site = node_site(n, d) if grouped else None
+        if site is not None:
+            entry["site"] = site
+            entry["label"] = "error" if d["kind"] == "error" else n.split("@", 1)[0]
+        nodes.append(entry)
     edges = [{"id": e.id, "source": e.sender, "target": e.receiver, "input": e.input, "score": e.score,
               "in_circuit": e.in_circuit} for e in edge_inputs(G)]
     edge_attrs = {edge_id(u, v): dict(d) for u, v, d in G.edges(data=True)}
-    return {"graph": dict(G.graph), "columns": _column_labels(G), "fill": KIND_FILL, "nodes": nodes,
-            "edges": edges, "edge_attrs": edge_attrs}
+    data = {"graph": dict(G.graph), "columns": columns, "fill": KIND_FILL, "nodes": nodes, "edges": edges,
+            "edge_attrs": edge_attrs}
+    if grouped:
+        data["sites"] = [{"site": s, **info} for s, info in sorted(sites.items(), key=lambda kv: kv[1]["column"])]
+    return data
 
 
 def _script_json(data: Any) -> str:

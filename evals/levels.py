@@ -81,7 +81,10 @@ class LevelsConfig:
         scorer: ``atp`` (attribution patching) or ``patch`` (exact, one ablation per unit).
         units: circuit sizes in units kept (``None``: 1, 2, 5, 10, 20, 50, ... up to every unit of the level).
         random_seeds: random rankings per level for the baseline (0: none).
-        max_features_per_site, min_activation: candidate features per site (``FeatureGraph.build``).
+        max_features_per_site, min_activation: candidate features per site (``FeatureGraph.build``); default
+            every feature active on the discovery prompts, so that ablating every unit of the feature level is,
+            under resample ablation, the same run as ablating every unit of the other levels when a site is a
+            residual stream (features never active are 0 on clean and corrupted prompts alike).
         neuron_heads: whether the neuron level's units include the attention heads (default) or only neurons.
         error_warning: the error-node share above which the report warns (module docstring, step 6).
         masks_per_call: most circuits per patcher call (memory); ``None``: the patcher chunks on its own.
@@ -97,7 +100,7 @@ class LevelsConfig:
     scorer: str = "atp"
     units: tuple[int, ...] | None = None
     random_seeds: int = 3
-    max_features_per_site: int = 64
+    max_features_per_site: int | None = None
     min_activation: float = 0.0
     neuron_heads: bool = True
     error_warning: float = 0.5
@@ -330,13 +333,19 @@ def error_share(level: Level, ev: Evaluator, scores: Tensor) -> dict[str, float]
 
 
 def error_warning(share: Mapping[str, float], threshold: float) -> str | None:
-    """The warning line when the error nodes carry most of the effect, else None."""
+    """The warning line when the error nodes carry most of the effect, else None: the error nodes alone reach
+    ``f >= threshold``, or every feature with the error nodes ablated stays below ``1 - threshold``."""
     fe, ff = share["f_errors_only"], share["f_features_only"]
-    if fe >= threshold or ff < 1 - threshold:
-        return (f"WARNING: the SAE error nodes carry most of the effect (error nodes alone f = {fe:.3f}; all "
-                f"features with the errors ablated f = {ff:.3f}): this feature circuit explains little of the "
-                "behaviour; the SAEs miss what matters for this task")
-    return None
+    why = []
+    if fe >= threshold:
+        why.append(f"the error nodes alone recover f = {fe:.3f} (>= {threshold:g})")
+    if ff < 1 - threshold:
+        why.append(f"every feature together, with the error nodes ablated, recovers only f = {ff:.3f} "
+                   f"(< {1 - threshold:g})")
+    if not why:
+        return None
+    return ("WARNING: the SAE error nodes carry most of the effect: " + "; ".join(why) +
+            ". This feature circuit explains little of the behaviour: the SAEs miss what matters for this task.")
 
 
 def evaluate_level(level: Level, train_batch: Any, test_batch: Any, config: LevelsConfig) -> LevelCurve:

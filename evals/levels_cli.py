@@ -60,8 +60,9 @@ def add_level_args(p: argparse.ArgumentParser) -> None:
                    help="circuit sizes in units kept (default 1, 2, 5, 10, 20, ... up to every unit of a level)")
     g.add_argument("--unit-scorer", choices=("atp", "patch"), default="atp",
                    help="how each level ranks its units: attribution patching (default) or exact patching")
-    g.add_argument("--max-features-per-site", type=int, default=64, metavar="N",
-                   help="feature level: candidate features per site, the most active on the task (default 64)")
+    g.add_argument("--max-features-per-site", type=int, metavar="N",
+                   help="feature level: candidate features per site, the most active on the task (default: every "
+                        "feature active on the discovery prompts)")
     g.add_argument("--no-neuron-heads", action="store_true",
                    help="neuron level: neurons only (default: heads and neurons)")
     g.add_argument("--error-warning", type=float, default=0.5, metavar="F",

@@ -189,7 +189,8 @@ def _check_args(args: argparse.Namespace) -> dict[str, Any]:
         from explainers.store import ActivationStore
 
         store = ActivationStore(args.store)
-        missing = [h for h in needed_hooks(args.level, selection, G, basis_hook) if h not in store.hooks]
+        missing = [h for h in needed_hooks(args.level, selection, G, basis_hook, per_node=args.per_node,
+                                                max_units=args.max_units) if h not in store.hooks]
         if missing:
             raise ValueError(f"--store {args.store} has no activations at {missing[0]} (it holds "
                              f"{', '.join(store.hooks)}); collect them or leave out --store")
@@ -272,7 +273,8 @@ def _run(args: argparse.Namespace, checked: dict[str, Any]) -> int:
     if args.store is not None:
         store = ActivationStore(args.store)
     else:
-        hooks = tuple(needed_hooks(level, selection, G, basis.hook if basis is not None else None))
+        hooks = tuple(needed_hooks(level, selection, G, basis.hook if basis is not None else None,
+                                   per_node=args.per_node, max_units=args.max_units))
         corpus = build_corpus(args.corpus, args.model, model.tokenizer, args.seed)
         cfg = StoreConfig(model=args.model, hooks=hooks, n_tokens=args.tokens, seq_len=args.seq_len)
         store = collect(model, corpus, cfg, args.out / "store", progress=progress)

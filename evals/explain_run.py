@@ -163,13 +163,23 @@ def _resolve_units(level: str, units: Sequence[str], basis_hook: str | None) -> 
     return Selection(tuple(dict.fromkeys(nodes)), tuple(dict.fromkeys(ids)))
 
 
-def needed_hooks(level: str, selection: Selection, G: Any | None, basis_hook: str | None) -> list[str]:
-    """Store hooks a run needs (before any weights are loaded)."""
+def needed_hooks(level: str, selection: Selection, G: Any | None, basis_hook: str | None, *,
+                 per_node: int | None = None, max_units: int | None = None) -> list[str]:
+    """Store hooks a run needs (before any weights are loaded). With ``per_node`` and ``max_units``, a circuit's
+    nodes (no explicit units) stop once a lower bound of their units reaches ``max_units``: :func:`plan_units`
+    takes units node by node in this order and cuts the list there, so the later nodes' hooks are never read
+    (a head or a direction node counts 1, an MLP at the neuron level ``per_node``, a neuron node 0: it may repeat
+    one of its MLP's top neurons)."""
     if basis_hook is not None:
         return [basis_hook]
-    hooks = {node_hook(n, level) for n in selection.nodes}
-    for s in selection.units:
-        hooks.add(parse_unit_id(s).hook)
+    hooks = {parse_unit_id(s).hook for s in selection.units}
+    budget = max_units if (per_node is not None and max_units is not None and not selection.units) else None
+    for n in selection.nodes:
+        if budget is not None and budget <= 0:
+            break
+        hooks.add(node_hook(n, level))
+        if budget is not None:
+            budget -= per_node if (level == "neuron" and _MLP_NODE.match(n)) else 0 if ".n" in n else 1
     return sorted(hooks)
 
 

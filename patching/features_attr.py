@@ -24,12 +24,14 @@ to the leaves of the upstream sites; ``dd/du = (d/dx_s) . W_u`` (the feature's d
 ``d``-vector. ``u -> logits``: the metric's gradient at the leaves. Memory: ``prompt_batch`` prompts at a time,
 ``chunk`` receivers per backward (``max_bytes``).
 
-**EAP-IG** integrates both factors over ``alpha = k/steps, k = 1..steps``: ``dm/dd`` at the points of ``d``'s
-site's own ablation path (:func:`patching.features_run.probe_gradients`, as node IG), the Jacobian-vector
-product at points where every upstream site's units are moved ``1 - alpha`` of the way to their ablated values
-(one backward over ``steps * chunk * b`` rows). ``steps=1`` is EAP. On a model that is linear in the site
-activations (attention patterns, norms and MLP gates frozen, SAE encoders without activation) both equal exact
-edge patching (tests/test_feature_edges.py).
+**EAP-IG** (Marks et al.'s edge IG) integrates the gradient factor: ``dm/dd`` is averaged over
+``alpha = k/steps, k = 1..steps`` of ``d``'s site's own ablation path (:func:`patching.features_run.
+probe_gradients`, as node IG; for ``u -> logits`` the factor is 1), the Jacobian-vector product is taken at the
+clean run. ``integrate_jacobian=True`` also averages it over points where every upstream site's units are
+moved ``1 - alpha`` of the way to their ablated values (one backward over ``steps * chunk * b`` rows, ``steps``
+times the cost). ``steps=1`` is EAP. On a model that is linear in the site activations (attention patterns,
+norms and MLP gates frozen, SAE encoders without activation) every variant equals exact edge patching
+(tests/test_feature_edges.py).
 """
 
 from __future__ import annotations
@@ -89,17 +91,19 @@ def _sender_scores(eng: FeatureEngine, part: Part, s: int, grad: Tensor) -> Tens
     return torch.cat([feat, err[:, None]], dim=1)
 
 
-def _eap_part(eng: FeatureEngine, part: Part, dense: Tensor, *, steps: int | None, chunk: int) -> None:
+def _eap_part(eng: FeatureEngine, part: Part, dense: Tensor, *, steps: int | None, chunk: int,
+              integrate_jacobian: bool = False) -> None:
     fg = eng.fgraph
     b, P = part.b, part.P
     n_sites = len(fg.sites)
     direct = _direct(fg)
     if steps is None:
-        alphas = [1.0]
         g_site = probe_gradients(eng, part)
     else:
-        alphas = [k / steps for k in range(1, steps + 1)]
-        g_site = [probe_gradients(eng, part, alphas, site=s)[s] if direct.get(s) else None for s in range(n_sites)]
+        ig = [k / steps for k in range(1, steps + 1)]
+        g_site = [probe_gradients(eng, part, ig, site=s)[s] if s in direct else None
+                  for s in range(n_sites)]
+    alphas = [k / steps for k in range(1, steps + 1)] if steps is not None and integrate_jacobian else [1.0]
     A = len(alphas)
     c_alpha = torch.tensor([1.0 - a for a in alphas], device=eng.device)
 
@@ -219,10 +223,12 @@ def _patch_part(eng: FeatureEngine, part: Part, dense: Tensor, *, chunk: int) ->
 def feature_edge_scores(model: Any, fgraph: Any, batch: TaskBatch, *, method: str = "eap-ig",
                         ablation: str = "mean", metric: str | Metric = "logit_diff", steps: int = 5,
                         reference: TaskBatch | None = None, prompt_batch: int | None = None,
-                        chunk: int | None = None, max_bytes: int = 512 << 20) -> Scores:
+                        chunk: int | None = None, max_bytes: int = 512 << 20,
+                        integrate_jacobian: bool = False) -> Scores:
     """Scores of every edge of ``fgraph`` (module docstring), level ``"feature-edge"``, aligned with
     ``fgraph.edges``. ``chunk``: receivers per backward (EAP) or units per forward (patch); default from
-    ``max_bytes``."""
+    ``max_bytes``. ``integrate_jacobian`` (EAP-IG): integrate the Jacobian-vector products too (``steps``
+    times the backward work)."""
     from patching.attribution import check_gradient_metric
 
     m = _ALIASES.get(method, method)
@@ -241,14 +247,15 @@ def feature_edge_scores(model: Any, fgraph: Any, batch: TaskBatch, *, method: st
         if chunk is None:
             widest = max([s.n_units for s in fgraph.sites] + [s.d for s in fgraph.sites])
             row = part.P * 4 * (6 * widest + 32 * int(fgraph.meta.get("d_model", widest)) + 8 * part.P)
-            per = part.b * row * (1 if m == "patch" else (steps if m == "eap-ig" else 1) * 3)
+            per = part.b * row * (1 if m == "patch" else (steps if integrate_jacobian else 1) * 3)
             c = max(1, max_bytes // max(1, per))
         else:
             c = chunk
         if m == "patch":
             _patch_part(eng, part, dense, chunk=c)
         else:
-            _eap_part(eng, part, dense, steps=steps if m == "eap-ig" else None, chunk=c)
+            _eap_part(eng, part, dense, steps=steps if m == "eap-ig" else None, chunk=c,
+                      integrate_jacobian=integrate_jacobian)
     dense /= max(1, len(batch))
     recv = torch.tensor([fgraph.node_index[e.receiver] for e in fgraph.edges], dtype=torch.long)
     send = torch.tensor([fgraph.node_index[e.sender] for e in fgraph.edges], dtype=torch.long)

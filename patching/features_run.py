@@ -359,12 +359,21 @@ class FeaturePatcher:
                 m = ablate[k0:k0 + step]
                 K = m.shape[0]
                 coefs = eng.split_mask(m)
+                # per site, the masks that ablate something there: only their rows are re-encoded
+                rows = [torch.nonzero(f.flatten(1).any(1) | e.flatten(1).any(1)).flatten() for f, e in coefs]
 
-                def fn(s: int, x: Tensor, _c=coefs, _p=part) -> Tensor | None:
+                def fn(s: int, x: Tensor, _c=coefs, _p=part, _rows=rows, _K=K) -> Tensor | None:
                     f, e = _c[s]
-                    if not (bool(f.any()) or bool(e.any())):
+                    idx = _rows[s]
+                    if idx.numel() == 0:
                         return None
-                    return eng.shift(_p, s, x, f, e)
+                    if idx.numel() == _K:
+                        return eng.shift(_p, s, x, f, e)
+                    xv = x.view(_K, _p.b, *x.shape[1:])
+                    sub = eng.shift(_p, s, xv[idx].reshape(-1, *x.shape[1:]), f[idx], e[idx])
+                    out = xv.clone()
+                    out[idx] = sub.view(idx.numel(), _p.b, *x.shape[1:]).to(out.dtype)
+                    return out.view_as(x)
                 with torch.no_grad():
                     logits = eng.forward(part.batch.clean.repeat(K, 1), part.batch.pos.repeat(K), fn)
                 chunks.append(logits.view(K, part.b, -1))

@@ -79,10 +79,13 @@ def test_eap_equals_exact_edge_patching_on_a_linearised_model(model, batch, abla
         exact = feature_edge_scores(model, fg, batch, method="patch", ablation=ablation)
         eap = feature_edge_scores(model, fg, batch, method="eap", ablation=ablation)
         ig = feature_edge_scores(model, fg, batch, method="eap-ig", ablation=ablation, steps=3)
+        ig_j = feature_edge_scores(model, fg, batch, method="eap-ig", ablation=ablation, steps=3,
+                                   integrate_jacobian=True)
     assert exact.level == "feature-edge" and exact.ids == fg.edge_ids
     assert float(exact.values.abs().max()) > 0.05 and int((exact.values.abs() > 1e-3).sum()) > 10
     torch.testing.assert_close(eap.values, exact.values, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ig.values, exact.values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ig_j.values, exact.values, atol=1e-4, rtol=1e-4)
 
 
 def test_eap_tracks_exact_patching_on_the_real_model(model, batch):
@@ -96,9 +99,14 @@ def test_eap_tracks_exact_patching_on_the_real_model(model, batch):
 def test_eap_does_not_depend_on_chunks_or_prompt_batches(model, batch):
     fg = FeatureGraph.build(model, sites("relu"), batch, max_features_per_site=4)
     ref = feature_edge_scores(model, fg, batch, method="eap-ig", ablation="mean", steps=2)
+    ref_j = feature_edge_scores(model, fg, batch, method="eap-ig", ablation="mean", steps=2, integrate_jacobian=True)
+    assert not torch.allclose(ref.values, ref_j.values, atol=1e-5)  # the real model is not linear
     for kw in ({"chunk": 1}, {"prompt_batch": 3}, {"chunk": 3, "prompt_batch": 1}):
         got = feature_edge_scores(model, fg, batch, method="eap-ig", ablation="mean", steps=2, **kw)
         torch.testing.assert_close(got.values, ref.values, atol=1e-5, rtol=1e-5)
+        got = feature_edge_scores(model, fg, batch, method="eap-ig", ablation="mean", steps=2,
+                                  integrate_jacobian=True, **kw)
+        torch.testing.assert_close(got.values, ref_j.values, atol=1e-5, rtol=1e-5)
     one = feature_edge_scores(model, fg, batch, method="eap-ig", ablation="mean", steps=1)
     eap = feature_edge_scores(model, fg, batch, method="eap", ablation="mean")
     torch.testing.assert_close(one.values, eap.values, atol=1e-6, rtol=1e-6)

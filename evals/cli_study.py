@@ -81,6 +81,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="CE / KL one held-out context at a time without padding, clean and zero-ablation passes "
                         "computed once per store (evals/study_eval.py; same numbers, 2 LM passes per SAE, not 4)")
     p.add_argument("--plan", action="store_true", help="list the units (and which are done) and stop")
+    p.add_argument("--done-only", action="store_true",
+                   help="write the outputs from the finished units only (trains nothing, loads no model); the "
+                        "outputs say how many of the planned units they hold")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -170,14 +173,20 @@ def _run(args: argparse.Namespace, study: str, units: list[Any], settings: dict[
             print(f"{'done' if unit_done(cache, u) else 'todo'}  {u.key}")
         print(f"{len(units)} units, {sum(unit_done(cache, u) is None for u in units)} to do; cache {cache}")
         return 0
-    import torch
+    if args.done_only:
+        rows = [r for r in (unit_done(cache, u) for u in units) if r is not None]
+        if not rows:
+            raise ValueError(f"--done-only: none of the {len(units)} planned units is finished in {cache}")
+    else:
+        import torch
 
-    torch.set_num_threads(args.threads)
-    rows = run_units(units, cache, progress=not args.no_progress)
+        torch.set_num_threads(args.threads)
+        rows = run_units(units, cache, progress=not args.no_progress)
+    settings = {**settings, "units_planned": len(units), "units_reported": len(rows)}
     command = "circuitexplain " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
         f"circuitexplain study {study} ..."
     write_study(args.out, study, rows, settings, command)
-    print(f"{len(rows)} SAEs -> {args.out}/study.json, study.csv, study.md and plots")
+    print(f"{len(rows)} of {len(units)} planned SAEs -> {args.out}/study.json, study.csv, study.md and plots")
     return 0
 
 

@@ -56,6 +56,14 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
+def _planned(doc: dict[str, Any]) -> str:
+    s = doc["settings"]
+    if "units_planned" in s and s["units_planned"] != s.get("units_reported"):
+        return (f"**Partial: {s.get('units_reported')} of the {s['units_planned']} planned SAEs are finished; this "
+                f"report holds those only.**\n")
+    return ""
+
+
 def write_study(out_dir: str | os.PathLike, study: str, rows: Sequence[dict[str, Any]], settings: dict[str, Any],
                 command: str, *, plots: bool = True) -> dict[str, Any]:
     """Write the four kinds of output for ``study`` (``saes`` or ``centring``) into ``out_dir``; returns the JSON."""
@@ -88,7 +96,7 @@ def write_study(out_dir: str | os.PathLike, study: str, rows: Sequence[dict[str,
 
 def _centring_md(doc: dict[str, Any]) -> str:
     rows, matched, effects = doc["rows"], doc["matched"], doc["effects"]
-    parts = [f"# SAE centring at matched L0\n\nCommand: `{doc['command']}`\n",
+    parts = [f"# SAE centring at matched L0\n\nCommand: `{doc['command']}`\n", _planned(doc),
              f"{len(rows)} SAEs; settings: `{json.dumps(doc['settings'], sort_keys=True)}`\n",
              "## Matched L0 (mean ± std over seeds; linear interpolation in log L0)\n"]
     lines = []
@@ -166,7 +174,7 @@ def _plot_centring(doc: dict[str, Any], model: str, path: Path) -> None:
 def _saes_md(doc: dict[str, Any]) -> str:
     rows = doc["rows"]
     ref = doc["settings"].get("reference_width_ratio")
-    parts = [f"# SAEs across architectures and scale\n\nCommand: `{doc['command']}`\n",
+    parts = [f"# SAEs across architectures and scale\n\nCommand: `{doc['command']}`\n", _planned(doc),
              f"{len(rows)} SAEs; settings: `{json.dumps(doc['settings'], sort_keys=True)}`\n",
              "## All SAEs\n"]
     lines = [[r["model"], r["model_type"], r["n_layers"], r["d_model"], r["hook"], r["relative_depth"], r["arch"],

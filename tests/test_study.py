@@ -166,7 +166,8 @@ def test_saes_study_rows_aggregation_and_resume(tmp_path, zoo_model, counting):
         assert r["width_ratio"] == pytest.approx(u.train.width / facts[u.store.model].d_model)
 
     out = tmp_path / "out"
-    doc = write_study(out, "saes", rows, {"reference_width_ratio": 0.5}, "circuitexplain study saes ...")
+    doc = write_study(out, "saes", rows, {"reference_width_ratio": 0.5, "units_planned": 4, "units_reported": 4},
+                      "circuitexplain study saes ...")
     j = json.loads((out / "study.json").read_text())
     assert j == json.loads(json.dumps(doc)) and len(j["rows"]) == 4 and "unit" not in j["rows"][0]
     with open(out / "study.csv") as fh:
@@ -178,6 +179,9 @@ def test_saes_study_rows_aggregation_and_resume(tmp_path, zoo_model, counting):
     md = (out / "study.md").read_text()
     assert md.count("| ioi-2l |") == 3 and md.count("| ioi-2l-d32 |") == 3      # 2 rows + reference table
     assert (out / "ev_ce_vs_width.png").stat().st_size > 0 and (out / "density.png").stat().st_size > 0
+    assert "Partial" not in md
+    write_study(tmp_path / "part", "saes", rows[:3], {"units_planned": 4, "units_reported": 3}, "cmd", plots=False)
+    assert "**Partial: 3 of the 4 planned SAEs are finished" in (tmp_path / "part" / "study.md").read_text()
 
     # resume: nothing retrained, no model loaded, the same rows
     again = S.run_units(units, cache, loader=load, progress=False)
@@ -244,6 +248,7 @@ def test_centring_study_matched_values_come_from_the_rows(tmp_path, zoo_model):
     (["centring", "--models", "ioi-2l", "--l1", "4,-1"], "--l1 '4,-1'"),
     (["centring", "--models", "ioi-2l", "--width", "8", "--k", "16"], "more than --width 8"),
     (["centring", "--models", "ioi-2l", "--holdout", "1"], "holdout must be in (0, 1)"),
+    (["saes", "--models", "ioi-2l", "--widths", "2x,4x", "--done-only"], "none of the 2 planned units"),
 ])
 def test_cli_refuses_in_one_line_before_weights(argv, needle, tmp_path, monkeypatch, capsys):
     import circuits.models

@@ -85,9 +85,20 @@ def test_regression_random_baseline_well_below_eap_ig(ioi):
     assert c.faithfulness[-1] == pytest.approx(1.0, abs=1e-4)  # 100 % of the edges is the full model
     assert c.cpr > r.cpr + 0.2, (c.cpr, r.cpr)
     assert c.cmd < r.cmd - 0.2, (c.cmd, r.cmd)
-    # one patcher, all 10 sizes x (1 method + 3 seeds) + 2 reference masks in batched forwards
-    assert patcher.ablations == 2 + 10 * 4
-    assert res.forward_passes == patcher.forward_passes - passes == math.ceil(42 / patcher.chunk_size)
+    # one patcher, all 10 sizes x (1 method + 3 seeds) + 2 reference masks in batched forwards, each distinct
+    # circuit once (the 100 % circuits are the full model, small random connected circuits are empty)
+    from circuits.algorithms.select import Connectivity
+    from evals.faithfulness import circuit_masks
+
+    conn = Connectivity(graph)
+    rnd = [torch.rand(graph.n_edges, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+           for s in range(3)]
+    circuits = torch.cat([circuit_masks(graph, imp, res.counts, "connected", conn)
+                          for imp in [edge_importance(graph, result), *rnd]])
+    distinct = torch.unique(torch.cat([circuits, torch.ones(1, graph.n_edges, dtype=torch.bool),
+                                       torch.zeros(1, graph.n_edges, dtype=torch.bool)]), dim=0).shape[0]
+    assert 2 < distinct < 2 + 10 * 4 and patcher.ablations == distinct
+    assert res.forward_passes == patcher.forward_passes - passes == math.ceil(distinct / patcher.chunk_size)
 
 
 def test_eval_cli_without_reference_writes_exact_keys(tmp_path, capsys):

@@ -90,6 +90,34 @@ def mean(xs: list[float | None]) -> float | None:
     return round(sum(v) / len(v), 4) if v else None
 
 
+def _fmt(x: float | None) -> str:
+    return "--" if x is None else f"{x:.2f}"
+
+
+def markdown(result: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
+    """A summary table (run x scorer: real mean / shuffled mean / units where real > shuffled) and, per run, the
+    explanations verbatim with their scores."""
+    names = result["scorers"]
+    out = ["| run | explainer | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for run, r in result["runs"].items():
+        cells = []
+        for n in names:
+            d = r["scorers"].get(n)
+            cells.append("n/a" if d is None else f"{_fmt(d['real_mean'])} / {_fmt(d['shuffled_mean'])} "
+                                                 f"({d['real_beats_shuffled']}/{d['pairs']})")
+        out.append(f"| {Path(run).name} | {r['explainer']} | " + " | ".join(cells) + " |")
+    out.append("")
+    for run, lines in runs.items():
+        out += [f"**{Path(run).name}**", "", "| unit | node | explanation | " + " | ".join(names) + " |",
+                "|---|---|---|" + "---|" * len(names)]
+        for ln in lines:
+            text = ln["explanation"].replace("|", "\\|").replace("\n", " ")
+            out.append(f"| {ln['unit']} | {ln.get('node', '')} | {text} | "
+                       + " | ".join(_fmt(ln["scores"].get(n)) for n in names) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="output dirs of `circuitexplain explain`")
@@ -100,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="the derangement's seed and the scorers' seed")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--markdown", type=Path, help="also write the tables (explanations verbatim, scores, baselines)")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.scorers.split(",") if s.strip()]
     client = None
@@ -134,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if client is not None:
         result["llm"] = dict(client.stats)
         client.close()
+    if args.markdown is not None:
+        md = markdown(result, {str(r): load_run(r) for r in args.runs})
+        tmp_md = args.markdown.with_name(args.markdown.name + ".tmp")
+        tmp_md.write_text(md)
+        os.replace(tmp_md, args.markdown)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")

@@ -44,7 +44,8 @@ def test_shuffled_baseline_scores_other_units_explanations(tmp_path: Path):
     lines = [_line("m1.n1", "cat", texts, 1.0), _line("m1.n2", "dog", texts, 1.0)]
     (run / "explanations.jsonl").write_text("".join(json.dumps(ln) + "\n" for ln in lines))
     out = tmp_path / "b.json"
-    assert eb.main([str(run), "--scorers", "tokens", "--out", str(out)]) == 0
+    md = tmp_path / "b.md"
+    assert eb.main([str(run), "--scorers", "tokens", "--out", str(out), "--markdown", str(md)]) == 0
     res = json.loads(out.read_text())["runs"][str(run)]["scorers"]["tokens"]
     # with two units the derangement swaps them: "dog" predicts the cat unit and the other way round
     flat = [w for t in texts for w in t]
@@ -53,3 +54,5 @@ def test_shuffled_baseline_scores_other_units_explanations(tmp_path: Path):
     expected = pearsonr(dog, cat)[0]
     assert res["shuffled"] == pytest.approx([expected, expected], abs=1e-9)
     assert res["real"] == [1.0, 1.0] and res["real_beats_shuffled"] == 2 and res["pairs"] == 2
+    table = md.read_text()
+    assert f"| run | vocab | 1.00 / {expected:.2f} (2/2) |" in table and "| m1.n2 |  | dog | 1.00 |" in table

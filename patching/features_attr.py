@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from patching.batch import TaskBatch
-from patching.features_run import FeatureEngine, Part, probe_gradients, site_hooks
+from patching.features_run import FeatureEngine, Part, probe_gradients, row_bytes, site_hooks
 from patching.metrics import Metric
 from patching.scores import Scores
 from patching.wiring import prepared
@@ -244,10 +244,9 @@ def feature_edge_scores(model: Any, fgraph: Any, batch: TaskBatch, *, method: st
     N = fgraph.n_nodes
     dense = torch.zeros(N, N, dtype=torch.float32, device=eng.device)   # [receiver, sender]
     for part in eng.parts:
-        if chunk is None:
-            widest = max([s.n_units for s in fgraph.sites] + [s.d for s in fgraph.sites])
-            row = part.P * 4 * (6 * widest + 32 * int(fgraph.meta.get("d_model", widest)) + 8 * part.P)
-            per = part.b * row * (1 if m == "patch" else (steps if integrate_jacobian else 1) * 3)
+        if chunk is None:  # receivers (EAP) or senders (patch) per forward, from the memory budget
+            per = part.b * row_bytes(fgraph, part.P, grad=m != "patch")
+            per *= steps if m == "eap-ig" and integrate_jacobian else 1
             c = max(1, max_bytes // max(1, per))
         else:
             c = chunk

@@ -80,8 +80,21 @@ def model_meta(model: Any) -> dict[str, Any]:
     from patching.model_info import inspect_model
 
     info = inspect_model(model)
-    return {k: info[k] for k in ("model", "logits_hook", "logits_at_pos", "d_model", "n_layers", "d_vocab")
-            if k in info}
+    return {k: info[k] for k in ("model", "logits_hook", "logits_at_pos", "d_model", "n_layers", "d_vocab",
+                                 "n_heads", "d_mlp") if k in info}
+
+
+def row_bytes(fgraph: Any, P: int, *, grad: bool) -> int:
+    """Estimated bytes one prompt row of ``P`` positions needs in a forward (one layer's working set, the sites'
+    encodings, the logits at ``pos``), plus every layer's saved activations when ``grad``."""
+    meta = fgraph.meta
+    d = int(meta.get("d_model") or max(s.d for s in fgraph.sites))
+    dm, H, L = int(meta.get("d_mlp") or 4 * d), int(meta.get("n_heads") or 1), int(meta.get("n_layers") or 1)
+    widest = max([s.n_units for s in fgraph.sites] + [s.d for s in fgraph.sites])
+    out = P * 4 * (8 * d + 2 * dm + 2 * H * P + 4 * widest) + 4 * int(meta.get("d_vocab") or 0)
+    if grad:
+        out += P * 4 * (L * (10 * d + 3 * dm + 2 * H * P) + 2 * widest * len(fgraph.sites))
+    return out
 
 
 def _flat(x: Tensor, d: int, hook: str) -> Tensor:
@@ -94,12 +107,13 @@ def _flat(x: Tensor, d: int, hook: str) -> Tensor:
 
 def site_hooks(hooks: list[str], bases: Mapping[str, Basis], fn: SiteFn) -> list[tuple[str, Any]]:
     """TransformerLens hooks calling ``fn(site index, x [..., d]) -> new x | None`` at each site (``hook_z``
-    flattened to ``[..., H * d_head]`` and back)."""
+    flattened to ``[..., H * d_head]`` and back; ``x`` in the basis' dtype, the result in the model's)."""
     def make(s: int, h: str) -> Any:
         d = int(bases[h].d_in)
+        dtype = bases[h].directions.dtype  # a bfloat16 model's activations are read in the basis' dtype
 
         def hook_fn(x: Tensor, hook: Any) -> Tensor | None:
-            out = fn(s, _flat(x, d, h))
+            out = fn(s, _flat(x, d, h).to(dtype))
             return None if out is None else out.to(x.dtype).reshape(x.shape)
         return hook_fn
     return [(h, make(s, h)) for s, h in enumerate(hooks)]
@@ -117,7 +131,7 @@ def capture_sites(model: Any, sites: Mapping[str, Basis], tokens: Tensor) -> tup
             counts[h] = counts.get(h, 0) + 1
             if h not in store:
                 order.append(h)
-            store[h] = _flat(x, int(sites[h].d_in), h).detach()
+            store[h] = _flat(x, int(sites[h].d_in), h).detach().to(sites[h].directions.dtype)
         return fn
     with torch.no_grad(), prepared(model), model.hooks(fwd_hooks=[(h, make(h)) for h in sites]):
         model(tokens)
@@ -335,10 +349,7 @@ class FeaturePatcher:
     def _chunk(self, part: Part) -> int:
         if self.chunk_size:
             return self.chunk_size
-        widest = max([s.n_units for s in self.fgraph.sites] + [s.d for s in self.fgraph.sites])
-        d_model = int(self.fgraph.meta.get("d_model", widest))
-        row = part.P * 4 * (4 * widest + 24 * d_model + 8 * part.P) + 8 * int(self.fgraph.meta.get("d_vocab", 0))
-        return max(1, self.max_bytes // max(1, part.b * row))
+        return max(1, self.max_bytes // max(1, part.b * row_bytes(self.fgraph, part.P, grad=False)))
 
     def _check(self, ablate: Tensor) -> Tensor:
         if ablate.dim() not in (2, 3) or ablate.shape[1] != self.fgraph.n_nodes:

@@ -224,3 +224,50 @@ def test_gradient_methods_refuse_accuracy(model, batch):
         feature_node_scores(model, fg, batch, method="atp", metric="accuracy")
     with pytest.raises(ValueError, match="unknown method"):
         feature_node_scores(model, fg, batch, method="acdc")
+
+
+def test_identity_basis_at_hook_z_is_the_engines_head_node(model, batch):
+    """hook_z is read flattened ([..., H * d_head]): head 1's d_head features together are the head."""
+    hook = "blocks.1.attn.hook_z"
+    fg = FeatureGraph.build(model, {hook: identity_basis(hook, D)}, batch, max_features_per_site=None,
+                            min_activation=-1.0)
+    graph = ComponentGraph.from_model(model)
+    for ablation in ("mean", "resample"):
+        ref = NodePatcher(model, graph, batch, ablation=ablation, metric="logit_diff")
+        pt = FeaturePatcher(model, fg, batch, ablation=ablation, metric="logit_diff")
+        dh = D // 4
+        head1 = fg.node_mask([f"f1.{i}@1.attn.z" for i in range(dh, 2 * dh)])
+        torch.testing.assert_close(pt.run(head1[None]), ref.run(graph.node_mask(["a1.h1"])[None]), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_ragged_prompts_and_prompt_batches(model):
+    """Right-padded prompts of different lengths: neuron equality through an identity basis under mean ablation
+    (padding and BOS excluded from the mean), and node scores unchanged by prompt batches (trimmed per batch)."""
+    ragged = random_batch(B=6, P=8, ragged=True, seed=4)
+    assert int(ragged.pos.min()) < 7
+    hook = "blocks.0.mlp.hook_post"
+    fg = FeatureGraph.build(model, {hook: identity_basis(hook, 2 * D)}, ragged, max_features_per_site=None,
+                            min_activation=-1.0)
+    graph = ComponentGraph.from_model(model, neurons=True)
+    ref = NodePatcher(model, graph, ragged, ablation="mean", metric="logit_diff")
+    pt = FeaturePatcher(model, fg, ragged, ablation="mean", metric="logit_diff", prompt_batch=4)
+    ours = fg.node_mask(["f0.3@0.mlp.post", "f0.40@0.mlp.post"])[None]
+    torch.testing.assert_close(pt.run(ours), ref.run(graph.node_mask(["m0.n3", "m0.n40"])[None]), atol=1e-5, rtol=1e-5)
+    fg3 = FeatureGraph.build(model, three_sites(), ragged, max_features_per_site=4)
+    for method in ("patch", "atp", "ig"):
+        a = feature_node_scores(model, fg3, ragged, method=method, ablation="resample", steps=2)
+        b = feature_node_scores(model, fg3, ragged, method=method, ablation="resample", steps=2, prompt_batch=4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_model_with_a_float32_sae():
+    m16 = native_bridge(normalization_type=None, act_fn="relu", seed=3).to(torch.bfloat16)
+    b = random_batch(B=4, P=6, ragged=False, seed=1)
+    fg = FeatureGraph.build(m16, three_sites(), b, max_features_per_site=4)
+    pt = FeaturePatcher(m16, fg, b, ablation="resample")
+    assert pt.clean_metric.dtype == torch.float32
+    exact = feature_node_scores(m16, fg, b, method="patch", ablation="resample")
+    atp = feature_node_scores(m16, fg, b, method="atp", ablation="resample")
+    assert torch.isfinite(exact.values).all() and torch.isfinite(atp.values).all()
+    assert float(torch.corrcoef(torch.stack([atp.values, exact.values]))[0, 1]) > 0.8

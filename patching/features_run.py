@@ -76,12 +76,19 @@ def check_sites(model: Any, sites: Mapping[str, Basis]) -> None:
 
 
 def model_meta(model: Any) -> dict[str, Any]:
-    """Where the logits are read (``logits_hook``, ``logits_at_pos``: :func:`patching.model_info.inspect_model`)."""
-    from patching.model_info import inspect_model
+    """Sizes and where the logits are read: ``logits_hook`` and ``logits_at_pos`` as
+    :func:`patching.model_info.inspect_model` decides them (one tiny forward; none of its other checks)."""
+    from patching.model_info import _logits_check
 
-    info = inspect_model(model)
-    return {k: info[k] for k in ("model", "logits_hook", "logits_at_pos", "d_model", "n_layers", "d_vocab",
-                                 "n_heads", "d_mlp") if k in info}
+    cfg = model.cfg
+    hook = "ln_final.hook_in" if "ln_final.hook_in" in model.hook_dict else "unembed.hook_in"
+    meta = {"model": str(getattr(cfg, "model_name", None) or type(model).__name__), "logits_hook": hook,
+            "logits_at_pos": _logits_check(model, hook), "n_layers": len(model.blocks)}
+    for key in ("d_model", "d_vocab", "n_heads", "d_mlp"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            meta[key] = v
+    return meta
 
 
 def row_bytes(fgraph: Any, P: int, *, grad: bool) -> int:

@@ -88,9 +88,11 @@ def test_node_circuit_keeps_the_top_units_and_is_measured(tmp_path, saes, zoo_mo
     assert G.graph["faithfulness"] == pytest.approx(f, abs=1e-5)
 
 
-def test_target_selection_reaches_the_target(tmp_path, saes):
-    G = discover(tmp_path, saes, "node-atp", "--target", "0.6")
-    assert G.graph["stat_budget_reached"] == 1 and G.graph["faithfulness"] >= 0.6
+def test_target_selection_reaches_the_target_and_is_measured_held_out(tmp_path, saes):
+    G = discover(tmp_path, saes, "node-ig", "--target", "0.6", "--ig-steps", "2", "--eval-prompts", "6")
+    assert G.graph["method"] == "node-ig" and G.graph["stat_budget_reached"] == 1
+    assert G.graph["faithfulness"] >= 0.6 and G.graph["n_prompts"] == 12 and G.graph["eval_prompts"] == 6
+    assert "heldout_faithfulness" in G.graph and G.graph["heldout_metric_full"] != G.graph["metric_full"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ from patching.batch import TaskBatch
 from patching.metrics import Metric
 from patching.parts import check_prompt_batch, prompt_slices
 from patching.patcher import resolve_metric
+from patching.replay import Replay
 from patching.scores import Scores
 from patching.senders import SpliceSite
 from patching.wiring import forward_logits, prepared
@@ -188,6 +190,7 @@ class Part:
     e: list[Tensor] = field(default_factory=list)
     ua: list[Tensor] = field(default_factory=list)
     ea: list[Tensor] = field(default_factory=list)
+    replay: Any = None  # patching.replay.Replay of the clean forward (suffix runs), or None
 
     @property
     def b(self) -> int:
@@ -205,7 +208,7 @@ class FeatureEngine:
     """
 
     def __init__(self, model: Any, fgraph: Any, batch: TaskBatch, *, ablation: str, metric: str | Metric,
-                 reference: TaskBatch | None = None, prompt_batch: int | None = None):
+                 reference: TaskBatch | None = None, prompt_batch: int | None = None, suffix: bool = False):
         check_ablation(ablation, "feature engine")
         check_prompt_batch(prompt_batch, "feature engine")
         self.model, self.fgraph, self.ablation = model, fgraph, ablation
@@ -216,15 +219,22 @@ class FeatureEngine:
         check_sites(model, {h: self.bases[h] for h in self.hooks})
         self.batch = batch
         self.forward_passes = 0
+        self.suffix_runs = 0
         self.metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", type(metric).__name__)
         self.parts: list[Part] = []
         with torch.no_grad():
             for rows in prompt_slices(len(batch), prompt_batch):
                 sub = trimmed(batch[rows])
                 store: dict[int, Tensor] = {}
-                logits = self.forward(sub.clean, sub.pos, self._recorder(store))
+                rp = Replay(model, len(sub)) if suffix else None
+                with rp.recording() if rp is not None else nullcontext():
+                    logits = self.forward(sub.clean, sub.pos, self._recorder(store))
+                if rp is not None and not self.parts:
+                    rp.verify(logits, sub.pos)
+                elif rp is not None:  # the same calls on other prompts: the first batch's verdict holds
+                    rp.adopt(self.parts[0].replay)
                 fn, _ = resolve_metric(metric, logits)
-                part = Part(rows, sub, logits, fn, fn(logits.float(), sub).float())
+                part = Part(rows, sub, logits, fn, fn(logits.float(), sub).float(), replay=rp)
                 for s, fam in enumerate(self.fams):
                     u, e = fam.read(store[s])
                     part.x.append(store[s])
@@ -245,6 +255,20 @@ class FeatureEngine:
             out = forward_logits(self.model, self.fgraph.meta, tokens,
                                  site_hooks(self.hooks, self.bases, fn) + list(extra or []), pos=pos)
         self.forward_passes += 1
+        return out
+
+    def suffix_forward(self, part: Part, K: int, start: int, fn: SiteFn) -> Tensor | None:
+        """The logits at ``pos`` ``[K * b, V]`` of blocks ``start..`` re-run from the clean residual stream on
+        ``K`` copies of the part (:class:`patching.replay.Replay`; sites of earlier blocks must be unchanged),
+        or ``None`` when the recorded forward cannot be replayed from there."""
+        rp = part.replay
+        if rp is None or not rp.usable_from(start):
+            return None
+        with prepared(self.model), self.model.hooks(fwd_hooks=site_hooks(self.hooks, self.bases, fn)):
+            x = rp.blocks(rp.pre(start).repeat(K, 1, 1), start, K)
+            out = rp.logits(rp.gather(x, part.batch.pos))[:, 0]
+        self.forward_passes += 1
+        self.suffix_runs += 1
         return out
 
     def _ablate(self, reference: TaskBatch | None, prompt_batch: int | None) -> None:
@@ -326,14 +350,21 @@ class FeatureEngine:
 class FeaturePatcher:
     """Exact node patching of a feature graph: ablate any set of feature / error nodes at once, the rest clean
     (module docstring). ``run(ablate [K, N] | [K, N, P]) -> [K, B]`` metric per prompt; the ``logits`` column
-    must be False. ``clean_metric`` / ``ablated_metric`` (every node ablated) ``[B]``."""
+    must be False. ``clean_metric`` / ``ablated_metric`` (every node ablated) ``[B]``.
+
+    ``suffix=True`` (default): each chunk of masks re-runs only the blocks from its first ablated site's block,
+    from the recorded clean residual stream (:class:`patching.replay.Replay`, verified against the clean forward
+    when the patcher is built; whole forwards where it does not reproduce it). Same numbers either way
+    (tests/test_feature_nodes.py)."""
 
     def __init__(self, model: Any, fgraph: Any, batch: TaskBatch, *, ablation: str = "resample",
                  metric: str | Metric = "logit_diff", reference: TaskBatch | None = None,
-                 prompt_batch: int | None = None, chunk_size: int | None = None, max_bytes: int = 512 << 20):
+                 prompt_batch: int | None = None, chunk_size: int | None = None, max_bytes: int = 512 << 20,
+                 suffix: bool = True):
         self.fgraph = fgraph
         self.engine = FeatureEngine(model, fgraph, batch, ablation=ablation, metric=metric, reference=reference,
-                                    prompt_batch=prompt_batch)
+                                    prompt_batch=prompt_batch, suffix=suffix)
+        self.layers = [s.layer for s in fgraph.sites]
         self.batch = self.engine.batch
         self.chunk_size, self.max_bytes = chunk_size, max_bytes
         self.ablations = 0
@@ -392,8 +423,11 @@ class FeaturePatcher:
                     out = xv.clone()
                     out[idx] = sub.view(idx.numel(), _p.b, *x.shape[1:]).to(out.dtype)
                     return out.view_as(x)
+                used = [self.layers[s] for s, r in enumerate(rows) if r.numel()]
                 with torch.no_grad():
-                    logits = eng.forward(part.batch.clean.repeat(K, 1), part.batch.pos.repeat(K), fn)
+                    logits = eng.suffix_forward(part, K, min(used), fn) if used else None
+                    if logits is None:
+                        logits = eng.forward(part.batch.clean.repeat(K, 1), part.batch.pos.repeat(K), fn)
                 chunks.append(logits.view(K, part.b, -1))
             out.append(torch.cat(chunks))
         self.ablations += int(ablate.shape[0])

@@ -271,3 +271,31 @@ def test_bfloat16_model_with_a_float32_sae():
     atp = feature_node_scores(m16, fg, b, method="atp", ablation="resample")
     assert torch.isfinite(exact.values).all() and torch.isfinite(atp.values).all()
     assert float(torch.corrcoef(torch.stack([atp.values, exact.values]))[0, 1]) > 0.8
+
+
+@pytest.mark.parametrize("which", ["native", "llama-gqa", "ioi-2l"])
+def test_suffix_runs_equal_whole_forwards(which, zoo_model):
+    """Masks re-run only the blocks from their first ablated site's (patching/replay.py); same numbers as whole
+    forwards, sites at resid_pre / hook_z / mlp_out / resid_post of several layers."""
+    from helpers_models import llama_bridge
+
+    if which == "native":
+        m, d, vocab = native_bridge(normalization_type="LN", act_fn="relu", n_layers=3, seed=5), D, 64
+    elif which == "llama-gqa":
+        m, d, vocab = llama_bridge(n_layers=3, n_heads=4, n_kv_heads=2, seed=5), D, 64
+    else:
+        m, d, vocab = zoo_model("ioi-2l"), 128, 600
+    b = random_batch(vocab=vocab, B=3, P=7, ragged=True, seed=2)
+    last = len(m.blocks) - 1
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z", f"blocks.{last}.hook_mlp_out",
+             f"blocks.{last}.hook_resid_post"]
+    sites = {h: random_basis(h, d, 48, seed=i) for i, h in enumerate(hooks)}
+    fg = FeatureGraph.build(m, sites, b, max_features_per_site=5)
+    fast = FeaturePatcher(m, fg, b, ablation="mean")
+    slow = FeaturePatcher(m, fg, b, ablation="mean", suffix=False)
+    masks = torch.cat([torch.eye(fg.n_nodes, dtype=torch.bool)[:-1], fg.ablatable()[None],
+                       torch.rand(5, fg.n_nodes) < 0.3])
+    masks[:, -1] = False
+    got = fast.run(masks)
+    assert fast.engine.suffix_runs > 0 and slow.engine.suffix_runs == 0
+    torch.testing.assert_close(got, slow.run(masks), atol=1e-5, rtol=1e-5)

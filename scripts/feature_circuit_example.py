@@ -51,6 +51,7 @@ class Recipe:
     train_tokens: int
     n_prompts: int
     ig_steps: int = 3
+    method: str = "eap-ig"
 
 
 RECIPES = {
@@ -64,7 +65,7 @@ RECIPES = {
         model="smollm2-135m",
         hooks=("blocks.10.hook_resid_post", "blocks.18.hook_resid_post", "blocks.24.hook_resid_post"),
         corpus="fortunes", tokens=30_000, seq_len=128, width="4x", k=32, centring="learned", lr=1e-3,
-        train_tokens=240_000, n_prompts=32),
+        train_tokens=120_000, n_prompts=24),
 }
 
 
@@ -120,8 +121,11 @@ def sae_arg(r: Recipe) -> str:
 
 def stage_discover(r: Recipe, log: Path, threads: int) -> None:
     out = RESULTS / f"{r.model}-ioi-features.json"
+    if out.exists():
+        return
     run([*cli(), "discover", "--model", r.model, "--task", "ioi", "--level", "feature", "--sae", sae_arg(r),
-         "--method", "eap-ig", "--ig-steps", str(r.ig_steps), "-n", str(r.n_prompts), "--out", str(out)], log)
+         "--method", r.method, "--ig-steps", str(r.ig_steps), "-n", str(r.n_prompts), "--eval-prompts",
+         str(r.n_prompts // 2), "--out", str(out), "--json"], log)
 
 
 def stage_export(r: Recipe, log: Path, threads: int) -> None:
@@ -132,6 +136,8 @@ def stage_export(r: Recipe, log: Path, threads: int) -> None:
 
 
 def stage_levels(r: Recipe, log: Path, threads: int) -> None:
+    if (RESULTS / f"{r.model}-levels" / "results.json").exists():
+        return
     run([*cli(), "eval", "circuits", "--model", r.model, "--task", "ioi", "--level", "feature,neuron,node",
          "--sae", sae_arg(r), "-n", str(r.n_prompts), "--out", str(RESULTS / f"{r.model}-levels")], log)
 

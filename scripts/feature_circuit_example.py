@@ -65,7 +65,7 @@ RECIPES = {
         model="smollm2-135m",
         hooks=("blocks.10.hook_resid_post", "blocks.18.hook_resid_post", "blocks.24.hook_resid_post"),
         corpus="fortunes", tokens=30_000, seq_len=128, width="4x", k=32, centring="learned", lr=1e-3,
-        train_tokens=120_000, n_prompts=24),
+        train_tokens=120_000, n_prompts=24, method="eap"),
 }
 
 
@@ -93,6 +93,23 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
+def run_parallel(cmds: list[list[str]], log: Path) -> None:
+    """Run independent CLI commands at once (logged like :func:`run`); fail if any fails."""
+    procs = []
+    for cmd in cmds:
+        line = " ".join(shlex.quote(c) for c in cmd)
+        print(f"$ {line} &", flush=True)
+        with log.open("a", encoding="utf-8") as f:
+            f.write(line + " &\n")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT))
+    bad = [cmd for cmd, p in zip(cmds, procs, strict=True) if p.wait() != 0]
+    if bad:
+        raise SystemExit(f"{len(bad)} command(s) failed, first: {' '.join(bad[0][:8])} ...")
+
+
+PARALLEL = False
+
+
 def cli() -> list[str]:
     exe = Path(sys.executable).with_name("circuitexplain")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "circuits.cli"]
@@ -106,13 +123,20 @@ def stage_saes(r: Recipe, log: Path, threads: int) -> None:
         if r.corpus:
             cmd += ["--corpus", r.corpus]
         run(cmd, log)
+    todo = []
     for hook in r.hooks:
         out = sae_dir(r.model, hook)
         if (out / "metrics.json").exists():
             continue
-        run([*cli(), "sae", "train", "--model", r.model, "--hook", hook, "--store", str(store), "--arch", "topk",
-             "--k", str(r.k), "--centring", r.centring, "--width", r.width, "--lr", str(r.lr),
-             "--train-tokens", str(r.train_tokens), "--out", str(out), "--threads", str(threads)], log)
+        todo.append([*cli(), "sae", "train", "--model", r.model, "--hook", hook, "--store", str(store), "--arch",
+                     "topk", "--k", str(r.k), "--centring", r.centring, "--width", r.width, "--lr", str(r.lr),
+                     "--train-tokens", str(r.train_tokens), "--out", str(out), "--threads",
+                     str(1 if PARALLEL else threads), "--no-progress"])
+    if PARALLEL and len(todo) > 1:  # one process per SAE, one thread each
+        run_parallel(todo, log)
+    else:
+        for cmd in todo:
+            run(cmd, log)
 
 
 def sae_arg(r: Recipe) -> str:
@@ -124,8 +148,8 @@ def stage_discover(r: Recipe, log: Path, threads: int) -> None:
     if out.exists():
         return
     run([*cli(), "discover", "--model", r.model, "--task", "ioi", "--level", "feature", "--sae", sae_arg(r),
-         "--method", r.method, "--ig-steps", str(r.ig_steps), "-n", str(r.n_prompts), "--eval-prompts",
-         str(r.n_prompts // 2), "--out", str(out), "--json"], log)
+         "--method", r.method, *(["--ig-steps", str(r.ig_steps)] if r.method == "eap-ig" else []), "-n",
+         str(r.n_prompts), "--eval-prompts", str(r.n_prompts // 2), "--out", str(out), "--json"], log)
 
 
 def stage_export(r: Recipe, log: Path, threads: int) -> None:
@@ -136,10 +160,15 @@ def stage_export(r: Recipe, log: Path, threads: int) -> None:
 
 
 def stage_levels(r: Recipe, log: Path, threads: int) -> None:
-    if (RESULTS / f"{r.model}-levels" / "results.json").exists():
-        return
-    run([*cli(), "eval", "circuits", "--model", r.model, "--task", "ioi", "--level", "feature,neuron,node",
-         "--sae", sae_arg(r), "-n", str(r.n_prompts), "--out", str(RESULTS / f"{r.model}-levels")], log)
+    """The three levels with every active feature a unit; then the feature level alone with Marks et al.'s
+    candidate set (the 64 most active features per site, the others clean), the one ``discover`` uses."""
+    if not (RESULTS / f"{r.model}-levels" / "results.json").exists():
+        run([*cli(), "eval", "circuits", "--model", r.model, "--task", "ioi", "--level", "feature,neuron,node",
+             "--sae", sae_arg(r), "-n", str(r.n_prompts), "--out", str(RESULTS / f"{r.model}-levels")], log)
+    if not (RESULTS / f"{r.model}-levels-64" / "results.json").exists():
+        run([*cli(), "eval", "circuits", "--model", r.model, "--task", "ioi", "--level", "feature",
+             "--max-features-per-site", "64", "--sae", sae_arg(r), "-n", str(r.n_prompts), "--out",
+             str(RESULTS / f"{r.model}-levels-64")], log)
 
 
 STAGES = {"saes": stage_saes, "discover": stage_discover, "export": stage_export, "levels": stage_levels}
@@ -150,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(RECIPES), help="comma-separated: " + ", ".join(RECIPES))
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated: " + ", ".join(STAGES))
     p.add_argument("--threads", type=int, default=2, help="torch threads of the SAE commands (default 2)")
+    p.add_argument("--parallel", action="store_true", help="train a model's SAEs at once (one thread each)")
     args = p.parse_args(argv)
+    global PARALLEL
+    PARALLEL = args.parallel
     models = [m for m in args.models.split(",") if m]
     stages = [s for s in args.stages.split(",") if s]
     for name in models + stages:

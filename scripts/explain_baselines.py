@@ -94,6 +94,18 @@ def _fmt(x: float | None) -> str:
     return "--" if x is None else f"{x:.2f}"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def peak_tokens(line: dict[str, Any], k: int = 5) -> list[str]:
+    """The token at the largest activation of each of the unit's ``k`` strongest held-out exemplars with a
+    positive activation (what a reader checks an explanation against)."""
+    held = sorted(line["exemplars"]["held_out"], key=lambda e: -max(e["activations"], default=0.0))[:k]
+    return [e["tokens"][max(range(len(e["activations"])), key=e["activations"].__getitem__)] for e in held
+            if e["activations"] and max(e["activations"]) > 0]
+
+
 def markdown(result: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> str:
     """A summary table (run x scorer: real mean / shuffled mean / units where real > shuffled) and, per run, the
     explanations verbatim with their scores."""
@@ -108,11 +120,11 @@ def markdown(result: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> s
         out.append(f"| {Path(run).name} | {r['explainer']} | " + " | ".join(cells) + " |")
     out.append("")
     for run, lines in runs.items():
-        out += [f"**{Path(run).name}**", "", "| unit | node | explanation | " + " | ".join(names) + " |",
-                "|---|---|---|" + "---|" * len(names)]
+        out += [f"**{Path(run).name}**", "", "| unit | explanation | peak tokens (held-out top) | "
+                + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
         for ln in lines:
-            text = ln["explanation"].replace("|", "\\|").replace("\n", " ")
-            out.append(f"| {ln['unit']} | {ln.get('node', '')} | {text} | "
+            text = _cell(ln["explanation"])
+            out.append(f"| {ln['unit']} | {text} | {_cell(', '.join(repr(t) for t in peak_tokens(ln)))} | "
                        + " | ".join(_fmt(ln["scores"].get(n)) for n in names) + " |")
         out.append("")
     return "\n".join(out)

@@ -55,4 +55,4 @@ def test_shuffled_baseline_scores_other_units_explanations(tmp_path: Path):
     assert res["shuffled"] == pytest.approx([expected, expected], abs=1e-9)
     assert res["real"] == [1.0, 1.0] and res["real_beats_shuffled"] == 2 and res["pairs"] == 2
     table = md.read_text()
-    assert f"| run | vocab | 1.00 / {expected:.2f} (2/2) |" in table and "| m1.n2 |  | dog | 1.00 |" in table
+    assert f"| run | vocab | 1.00 / {expected:.2f} (2/2) |" in table and "| m1.n2 | dog | ' dog', ' dog' | 1.00 |" in table

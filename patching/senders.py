@@ -32,7 +32,7 @@ new kind is one class. See docs/features.md for what still switches on kind stri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -132,7 +132,7 @@ class NeuronFamily:
     """MLP neurons of one layer at ``blocks.L.mlp.hook_post`` (the engine's ``m{L}.n{I}``)."""
 
     hook: str
-    W_out: Tensor  # [n, d_model]
+    W_out: Tensor | None  # [n, d_model] (None: the engine's groups, which never write through it)
     kind: str = "neuron"
 
     @property
@@ -148,6 +148,16 @@ class NeuronFamily:
     def residual(self, coef: Tensor) -> Tensor:
         """Each neuron's write into the residual stream, ``[..., n, d_model]``."""
         return coef.unsqueeze(-1) * self.W_out.to(coef.dtype)
+
+    # the engine's unit form (patching/wiring.py): [N, P, m, 1]; neurons are node-level only (no residual write)
+    def units(self, x: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return x.unsqueeze(-1)
+
+    def from_units(self, u: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return u.squeeze(-1)
+
+    def out_units(self, u: Tensor, units: Tensor | None = None) -> Tensor:
+        return _select(u, units)
 
 
 @dataclass(frozen=True, eq=False)
@@ -172,6 +182,20 @@ class HeadFamily:
         """Each head's write into the residual stream ``z_h @ W_O[h]``, ``[..., H, d_model]``."""
         return torch.einsum("...hf,hfm->...hm", z, self.W_O.to(z.dtype))
 
+    # the engine's unit form (patching/wiring.py): hook_z itself, [N, P, H, d_head]
+    def units(self, x: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return x
+
+    def from_units(self, u: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return u
+
+    def out_units(self, u: Tensor, units: Tensor | None = None) -> Tensor:
+        """Residual-stream output of each head (of the ``units`` indices only, when given), ``[..., n, d_model]``."""
+        if units is not None:
+            u = u.index_select(-2, units.to(u.device))
+        W = self.W_O if units is None else self.W_O.index_select(0, units.to(self.W_O.device))
+        return torch.einsum("...hf,hfm->...hm", u, W.to(u.device))
+
 
 @dataclass(frozen=True, eq=False)
 class MLPFamily:
@@ -193,9 +217,74 @@ class MLPFamily:
     def residual(self, x: Tensor) -> Tensor:
         return x.unsqueeze(-2)
 
+    # the engine's unit form (patching/wiring.py): one unit of d_model features, [N, P, 1, d]
+    def units(self, x: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return x.unsqueeze(-2)
+
+    def from_units(self, u: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return u.squeeze(-2)
+
+    def out_units(self, u: Tensor, units: Tensor | None = None) -> Tensor:
+        return _select(u, units)
+
+
+@dataclass(frozen=True, eq=False)
+class EmbedFamily(MLPFamily):
+    """The token (``hook_embed``) or positional (``hook_pos_embed``) embedding: one unit, its output."""
+
+    kind: str = "embed"
+
+
+@dataclass(frozen=True, eq=False)
+class BlockFamily:
+    """A whole block of a recurrent model: one unit whose write is ``hook_out - hook_in`` (read at ``in_hook``)."""
+
+    hook: str
+    in_hook: str = ""
+    kind: str = "block"
+
+    @property
+    def n(self) -> int:
+        return 1
+
+    def read(self, x: Tensor) -> Tensor:
+        return x
+
+    def write(self, delta: Tensor) -> Tensor:
+        return delta
+
+    def units(self, x: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return (x - block_in).unsqueeze(-2)
+
+    def from_units(self, u: Tensor, block_in: Tensor | None = None) -> Tensor:
+        return block_in + u.squeeze(-2)
+
+    def out_units(self, u: Tensor, units: Tensor | None = None) -> Tensor:
+        return _select(u, units)
+
+
+def _select(u: Tensor, units: Tensor | None) -> Tensor:
+    return u if units is None else u.index_select(-2, units.to(u.device))
+
 
 FAMILIES: dict[str, type] = {"feature": FeatureFamily, "error": ErrorFamily, "neuron": NeuronFamily,
-                             "head": HeadFamily, "mlp": MLPFamily}
+                             "head": HeadFamily, "mlp": MLPFamily, "embed": EmbedFamily, "block": BlockFamily}
+#: The family of each sender-group kind of the head / MLP engine (patching/wiring.py).
+GROUP_FAMILIES: dict[str, type] = {"embed": EmbedFamily, "pos_embed": EmbedFamily, "heads": HeadFamily,
+                                   "mlp": MLPFamily, "neurons": NeuronFamily, "block": BlockFamily}
+
+
+def group_family(kind: str, hook: str, *, W_O: Tensor | None = None, in_hook: str | None = None) -> Any:
+    """The family object of one engine sender group (its ``units`` / ``from_units`` / ``out_units``)."""
+    if kind not in GROUP_FAMILIES:
+        raise ValueError(f"unknown sender kind {kind!r}; one of {sorted(GROUP_FAMILIES)}")
+    if kind == "heads":
+        return HeadFamily(hook, W_O)
+    if kind == "neurons":
+        return NeuronFamily(hook, None)
+    if kind == "block":
+        return BlockFamily(hook, in_hook or "")
+    return GROUP_FAMILIES[kind](hook, kind=kind)
 
 __all__ = ["SenderFamily", "FeatureFamily", "ErrorFamily", "SpliceSite", "NeuronFamily", "HeadFamily",
-           "MLPFamily", "FAMILIES"]
+           "MLPFamily", "EmbedFamily", "BlockFamily", "FAMILIES", "GROUP_FAMILIES", "group_family"]

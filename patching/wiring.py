@@ -35,6 +35,7 @@ from patching.gqa import repeat_heads, ungrouped
 from patching.graph import QKV, ComponentGraph
 from patching.model_info import model_device, model_dtype
 from patching.norms import fused_norm_projection
+from patching.senders import group_family
 
 Hook = tuple[str, Callable[..., Any]]
 
@@ -52,37 +53,25 @@ class SenderGroup:
     W_O: Tensor | None = None   # heads: [H, d_head, d_model]
     in_hook: str | None = None  # blocks: where the block input is read
     device: torch.device | None = None  # where its hook runs (multi-GPU: its layer's device)
+    family: Any = None          # its sender family (patching/senders.py): unit form and residual write
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = group_family(self.kind, self.hook, W_O=self.W_O, in_hook=self.in_hook)
 
     @property
     def n(self) -> int:
         return int(self.node_idx.numel())
 
     def units(self, x: Tensor, block_in: Tensor | None = None) -> Tensor:
-        if self.kind == "heads":
-            return x
-        if self.kind == "neurons":
-            return x.unsqueeze(-1)
-        if self.kind == "block":
-            return (x - block_in).unsqueeze(-2)
-        return x.unsqueeze(-2)
+        return self.family.units(x, block_in)
 
     def from_units(self, u: Tensor, block_in: Tensor | None = None) -> Tensor:
-        if self.kind == "heads":
-            return u
-        if self.kind == "neurons":
-            return u.squeeze(-1)
-        if self.kind == "block":
-            return block_in + u.squeeze(-2)
-        return u.squeeze(-2)
+        return self.family.from_units(u, block_in)
 
     def out(self, u: Tensor, units: Tensor | None = None) -> Tensor:
         """Residual-stream output of each unit (of the ``units`` indices only, when given), ``[..., n, d_model]``."""
-        if units is not None:
-            u = u.index_select(-2, units.to(u.device))
-        if self.kind == "heads":
-            W = self.W_O if units is None else self.W_O.index_select(0, units.to(self.W_O.device))
-            return torch.einsum("...hf,hfm->...hm", u, W.to(u.device))
-        return u
+        return self.family.out_units(u, units)
 
 
 @dataclass

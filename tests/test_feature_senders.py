@@ -9,6 +9,7 @@ from helpers_models import native_bridge, random_batch
 from patching.graph import ComponentGraph
 from patching.senders import (
     FAMILIES,
+    GROUP_FAMILIES,
     ErrorFamily,
     FeatureFamily,
     HeadFamily,
@@ -45,7 +46,11 @@ def test_head_and_neuron_families_rebuild_the_branch_outputs():
     g = next(g for g in w.senders if g.kind == "heads" and g.layer == 1)
     z = seen["blocks.1.attn.hook_z"]
     torch.testing.assert_close(HeadFamily(g.hook, g.W_O).residual(z), g.out(g.units(z)))
-    assert set(FAMILIES) == {"feature", "error", "neuron", "head", "mlp"}
+    assert set(FAMILIES) == {"feature", "error", "neuron", "head", "mlp", "embed", "block"}
+    # every engine sender group carries its family and delegates to it
+    for grp in w.senders:
+        assert isinstance(grp.family, GROUP_FAMILIES[grp.kind]) and grp.family.hook == grp.hook
+    assert g.family.W_O is g.W_O
 
 
 def test_feature_write_is_the_low_rank_decode_and_the_site_reads_both():

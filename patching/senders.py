@@ -20,13 +20,15 @@ class                  units                                   write
 :class:`NeuronFamily`   MLP neurons at ``mlp.hook_post``        ``coef`` at the hook (``W_out`` rows downstream)
 :class:`HeadFamily`     heads at ``attn.hook_z``                ``z_h`` per head (``W_O[h]`` downstream)
 :class:`MLPFamily`      one MLP at ``hook_mlp_out``             ``delta`` itself
+:class:`EmbedFamily`    ``hook_embed`` / ``hook_pos_embed``     ``delta`` itself
+:class:`BlockFamily`    a recurrent block (``hook_out``)        ``delta`` (``hook_out - hook_in``)
 =====================  ======================================  ============================================
 
-The feature-circuit engine (:mod:`patching.features`) runs entirely on :class:`FeatureFamily` /
-:class:`ErrorFamily` (one :class:`SpliceSite` per spliced hook). The head / MLP / neuron engine
-(:mod:`patching.wiring`) predates the families and still builds its own ``SenderGroup`` by kind; the three
-classes here describe those senders in the same protocol (tested equal to ``SenderGroup.out``) so a
-new kind is one class. See docs/features.md for what still switches on kind strings.
+The feature-circuit engine (:mod:`patching.features`) runs on :class:`FeatureFamily` / :class:`ErrorFamily`
+(one :class:`SpliceSite` per spliced hook). The head / MLP engine's sender groups (``wiring.SenderGroup``) carry
+their family (:func:`group_family`) and delegate to it the engine's *unit form* (``units`` / ``from_units``:
+``[N, P, n, f]``) and the residual write (``out_units``). What still switches on kind strings is listed in
+docs/features.md.
 """
 
 from __future__ import annotations

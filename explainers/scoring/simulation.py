@@ -60,9 +60,22 @@ def expected_level(top_logprobs: Mapping[str, float] | None, levels: Sequence[st
     return None if total == 0 else weighted / total
 
 
+def _placeholder_tokens(tokens: Sequence[str], n: int) -> list[int] | None:
+    """The last ``n`` echoed tokens that are the placeholder right after a tab, in order; ``None`` if fewer.
+
+    The fallback when ``text_offset`` does not line up with the prompt's characters: vLLM accumulates the
+    offsets over tokens decoded one by one, and a character split over byte-level tokens (``\ufffd``, any
+    non-ASCII character the tokenizer splits) decodes to ``""`` there, so every later offset is short. The
+    placeholders are the prompt's last ``n`` tab-preceded ``unknown`` tokens (record tokens are rendered with
+    tabs escaped, and the header's ``"unknown"`` follows no tab)."""
+    found = [i for i in range(1, len(tokens)) if tokens[i] == prompts.PLACEHOLDER and tokens[i - 1].endswith("\t")]
+    return found[-n:] if n and len(found) >= n else None
+
+
 def parse_echo_logprobs(reply: Mapping, offsets: Sequence[int]) -> tuple[list[float], int]:
     """Predictions from an ``echo=True`` completions reply: for each placeholder offset, the expected level at
-    the echoed token starting there. Returns (predictions, positions without any level token)."""
+    the echoed token starting there (when the offsets do not line up, the placeholder tokens found by
+    :func:`_placeholder_tokens`). Returns (predictions, positions without any level token)."""
     try:
         lp = reply["choices"][0]["logprobs"]
     except (KeyError, IndexError, TypeError) as e:
@@ -70,12 +83,15 @@ def parse_echo_logprobs(reply: Mapping, offsets: Sequence[int]) -> tuple[list[fl
     if not lp or not lp.get("top_logprobs") or not lp.get("text_offset"):
         raise ValueError(NO_PROMPT_LOGPROBS)
     index = {int(o): i for i, o in enumerate(lp["text_offset"])}
-    preds, missing = [], 0
-    for off in offsets:
-        i = index.get(int(off))
-        if i is None:
+    positions = [index.get(int(off)) for off in offsets]
+    if None in positions:
+        positions = _placeholder_tokens(lp.get("tokens") or [], len(offsets))
+        if positions is None:
+            off = next(o for o in offsets if int(o) not in index)
             raise ValueError(f"no echoed token starts at the placeholder at character {off} (the endpoint's "
                              "tokenizer merged it with its neighbour)")
+    preds, missing = [], 0
+    for i in positions:
         ev = expected_level(lp["top_logprobs"][i])
         if ev is None:
             missing += 1

@@ -201,7 +201,10 @@ def test_same_call_twice_gives_the_same_graph(induction_model, method):
 
 ZOO_METHOD = {"attn2l-induction": ("eap", "induction"), "ioi-2l": ("acdc", "ioi"),
               "greater-than-2l": ("eap-ig", "greater_than"), "dyck-2l": ("node-patch", "dyck"),
-              "ioi-2l-gpt2": ("eap", "ioi"), "ioi-mamba": ("node-patch", "ioi")}
+              "ioi-2l-gpt2": ("eap", "ioi"), "ioi-mamba": ("node-patch", "ioi"),
+              # the IOI size family of the SAE scale study (circuits/zoo/recipes.py)
+              "ioi-2l-d32": ("eap-ig", "ioi"), "ioi-2l-d64": ("acdc", "ioi"), "ioi-3l-d64": ("eap", "ioi"),
+              "ioi-4l-d64": ("greedy", "ioi")}
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_METHOD))

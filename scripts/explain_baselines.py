@@ -95,7 +95,8 @@ def _fmt(x: float | None) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Table-safe text: pipes escaped, newlines as spaces, ``<`` as ``&lt;`` (a reply quoting HTML stays text)."""
+    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
 
 
 def peak_tokens(line: dict[str, Any], k: int = 5) -> list[str]:

@@ -136,6 +136,7 @@ def _plot_centring(doc: dict[str, Any], model: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = [r for r in doc["rows"] if r["model"] == model]
     archs = list(dict.fromkeys(r["arch"] for r in rows))
@@ -154,6 +155,7 @@ def _plot_centring(doc: dict[str, Any], model: str, path: Path) -> None:
                     ax.errorbar([r["l0"] for r in mt], [r[m] for r in mt], yerr=[r[m + "_std"] for r in mt],
                                 color=colour, marker="o", ms=3, lw=1.2, capsize=2, label=c)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             if i == 0:
                 ax.set_title(arch)
             if j == 0:

@@ -159,11 +159,45 @@ def spliced_losses(model: Any, basis: Any, batches: Iterable[tuple[Int[Tensor, "
         raise ValueError("spliced_losses: no predicted positions in the given contexts")
     out = {f"ce_{k}": v / n_ce for k, v in ce.items()}
     out.update({f"kl_{k}": v / n_kl for k, v in kl.items()})
-    den = out["ce_zero"] - out["ce_clean"]
-    out["ce_loss_recovered"] = (out["ce_zero"] - out["ce_sae"]) / den if den != 0 else float("nan")
-    out["error_kl_ratio"] = out["kl_sae"] / out["kl_random"] if out["kl_random"] > 0 else float("nan")
+    out.update(loss_ratios(out))
     out["n_ce_positions"], out["n_kl_positions"] = n_ce, n_kl
     return out
+
+
+def loss_ratios(losses: dict[str, float]) -> dict[str, float]:
+    """The one definition of ``ce_loss_recovered`` = (CE zero - CE SAE) / (CE zero - CE clean) and
+    ``error_kl_ratio`` = KL(SAE) / KL(random error of the same norm); NaN where the denominator is 0."""
+    den = losses["ce_zero"] - losses["ce_clean"]
+    return {"ce_loss_recovered": (losses["ce_zero"] - losses["ce_sae"]) / den if den != 0 else float("nan"),
+            "error_kl_ratio": losses["kl_sae"] / losses["kl_random"] if losses["kl_random"] > 0 else float("nan")}
+
+
+@torch.no_grad()
+def heldout_error_r2(sae: Any, store: Any, hook: str, train: Any, eval_x: Tensor, *, n_fit_rows: int,
+                     seed: int) -> tuple[float, int]:
+    """``error_linear_r2`` of ``sae``: the linear map fitted on up to ``n_fit_rows`` training rows, scored on
+    ``eval_x``; returns it and the number of fitting rows."""
+    fit_x = next(store.batches(hook, min(n_fit_rows, store.n_rows_in(train)), seed=seed, shards=train,
+                               buffer_shards=16))
+    dev = sae.W_enc.device
+    e_fit = fit_x - sae(fit_x.to(dev))[0].cpu()
+    e_eval = torch.cat([x - sae(x.to(dev))[0].cpu() for x in eval_x.split(4096)])
+    return error_linear_r2(fit_x, e_fit, eval_x, e_eval), int(fit_x.shape[0])
+
+
+def write_metrics(metrics: dict[str, Any], density: list[float], out_dir: str | os.PathLike | None, *,
+                  sae: Any, hook: str) -> dict[str, Any]:
+    """``metrics`` with its ``density`` (written atomically to ``out_dir/metrics.json`` with ``density.png``
+    when ``out_dir`` is given)."""
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / (METRICS_JSON + ".tmp")
+        tmp.write_text(json.dumps({**metrics, "density": density}, indent=1) + "\n")
+        os.replace(tmp, out / METRICS_JSON)
+        density_histogram(density, out / DENSITY_PNG, title=f"{sae.cfg.arch}/{sae.cfg.centring} at {hook}")
+    metrics["density"] = density
+    return metrics
 
 
 def density_histogram(density: list[float], path: str | os.PathLike, *, title: str = "") -> Path:
@@ -202,13 +236,7 @@ def evaluate_sae(model: Any, sae: Any, store: Any, hook: str, *, holdout: float 
     if n_eval_rows is not None:
         eval_x = eval_x[:n_eval_rows]
     rec = reconstruction_metrics(sae, eval_x.split(4096))
-    fit_x = next(store.batches(hook, min(n_fit_rows, store.n_rows_in(train)), seed=seed, shards=train,
-                               buffer_shards=16))
-    dev = sae.W_enc.device
-    with torch.no_grad():
-        e_fit = fit_x - sae(fit_x.to(dev))[0].cpu()
-        e_eval = torch.cat([x - sae(x.to(dev))[0].cpu() for x in eval_x.split(4096)])
-    r2 = error_linear_r2(fit_x, e_fit, eval_x, e_eval)
+    r2, n_fit = heldout_error_r2(sae, store, hook, train, eval_x, n_fit_rows=n_fit_rows, seed=seed)
     cfg = store.config
     first = 1 if (cfg.prepend_bos and cfg.exclude_bos) else 0
     pad = store.manifest["settings"]["tokenizer"]["pad"]
@@ -216,16 +244,8 @@ def evaluate_sae(model: Any, sae: Any, store: Any, hook: str, *, holdout: float 
     losses = spliced_losses(model, basis, _token_batches(store, held, pad, ce_contexts, batch_size),
                             first_position=first, seed=seed)
     density = rec.pop("density")
-    metrics = {**rec, "error_linear_r2": r2, **losses, "n_fit_tokens": int(fit_x.shape[0]),
+    metrics = {**rec, "error_linear_r2": r2, **losses, "n_fit_tokens": n_fit,
                "store": str(store.path), "hook": hook, "heldout_shards": held, "fit_shards": train,
                "holdout": holdout, "seed": seed, "ce_contexts": ce_contexts,
                "sae": {"arch": sae.cfg.arch, "centring": sae.cfg.centring, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (METRICS_JSON + ".tmp")
-        tmp.write_text(json.dumps({**metrics, "density": density}, indent=1) + "\n")
-        os.replace(tmp, out / METRICS_JSON)
-        density_histogram(density, out / DENSITY_PNG, title=f"{sae.cfg.arch}/{sae.cfg.centring} at {hook}")
-    metrics["density"] = density
-    return metrics
+    return write_metrics(metrics, density, out_dir, sae=sae, hook=hook)

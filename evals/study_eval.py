@@ -16,21 +16,13 @@ so ``kl_random`` is a different draw of the same distribution as in ``evaluate_s
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from evals.sae_metrics import (
-    DENSITY_PNG,
-    METRICS_JSON,
-    density_histogram,
-    error_linear_r2,
-    reconstruction_metrics,
-)
+from evals.sae_metrics import heldout_error_r2, loss_ratios, reconstruction_metrics, write_metrics
 from explainers.bases import FeatureBasis
 from patching.splice import splice
 
@@ -87,12 +79,7 @@ def evaluate_trimmed(model: Any, sae: Any, store: Any, hook: str, *, holdout: fl
     train, held = store.split(holdout)
     eval_x = store.read(hook, held)
     rec = reconstruction_metrics(sae, eval_x.split(4096))
-    fit_x = next(store.batches(hook, min(n_fit_rows, store.n_rows_in(train)), seed=seed, shards=train,
-                               buffer_shards=16))
-    dev = sae.W_enc.device
-    e_fit = fit_x - sae(fit_x.to(dev))[0].cpu()
-    e_eval = torch.cat([x - sae(x.to(dev))[0].cpu() for x in eval_x.split(4096)])
-    r2 = error_linear_r2(fit_x, e_fit, eval_x, e_eval)
+    r2, n_fit = heldout_error_r2(sae, store, hook, train, eval_x, n_fit_rows=n_fit_rows, seed=seed)
 
     cfg = store.config
     first = 1 if (cfg.prepend_bos and cfg.exclude_bos) else 0
@@ -117,22 +104,11 @@ def evaluate_trimmed(model: Any, sae: Any, store: Any, hook: str, *, holdout: fl
             kl_rnd += _kl(c["lp"][k], model(t)[0, first:].cpu())
     losses = {"ce_clean": c["ce_clean"], "ce_sae": ce_sae / c["n_ce"], "ce_zero": c["ce_zero"],
               "kl_sae": kl_sae / c["n_kl"], "kl_random": kl_rnd / c["n_kl"]}
-    den = losses["ce_zero"] - losses["ce_clean"]
-    losses["ce_loss_recovered"] = (losses["ce_zero"] - losses["ce_sae"]) / den if den != 0 else float("nan")
-    losses["error_kl_ratio"] = (losses["kl_sae"] / losses["kl_random"] if losses["kl_random"] > 0
-                                else float("nan"))
+    losses.update(loss_ratios(losses))
     losses["n_ce_positions"], losses["n_kl_positions"] = c["n_ce"], c["n_kl"]
     density = rec.pop("density")
-    metrics = {**rec, "error_linear_r2": r2, **losses, "n_fit_tokens": int(fit_x.shape[0]),
+    metrics = {**rec, "error_linear_r2": r2, **losses, "n_fit_tokens": n_fit,
                "store": str(store.path), "hook": hook, "heldout_shards": held, "fit_shards": train,
                "holdout": holdout, "seed": seed, "ce_contexts": ce_contexts, "passes": "trimmed, clean cached",
                "sae": {"arch": sae.cfg.arch, "centring": sae.cfg.centring, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k}}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (METRICS_JSON + ".tmp")
-        tmp.write_text(json.dumps({**metrics, "density": density}, indent=1) + "\n")
-        os.replace(tmp, out / METRICS_JSON)
-        density_histogram(density, out / DENSITY_PNG, title=f"{sae.cfg.arch}/{sae.cfg.centring} at {hook}")
-    metrics["density"] = density
-    return metrics
+    return write_metrics(metrics, density, out_dir, sae=sae, hook=hook)

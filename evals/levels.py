@@ -54,7 +54,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -183,6 +183,20 @@ class Evaluator:
         self.patcher, self.to_ablate, self.masks_per_call = patcher, to_ablate, masks_per_call
         self.m_full, self.m_empty = full_and_empty(patcher)
 
+    @classmethod
+    def over_columns(cls, patcher: Any, columns: Sequence[int], n_nodes: int, device: Any,
+                     masks_per_call: int | None) -> Evaluator:
+        """The level's units are the patcher's node columns ``columns`` (of ``n_nodes``): every other node stays
+        clean, a unit outside the circuit is ablated."""
+        cols = torch.tensor(list(columns), dtype=torch.long)
+
+        def to_ablate(keep: Tensor) -> Tensor:
+            ablate = torch.zeros(len(keep), n_nodes, dtype=torch.bool)
+            ablate[:, cols] = ~keep.cpu()
+            return ablate.to(device)
+
+        return cls(patcher, to_ablate, masks_per_call)
+
     def metric(self, keep: Bool[Tensor, "K U"]) -> Float[Tensor, " K"]:
         """Mean metric (float64) of each circuit."""
         from patching.faithfulness import mean_metric
@@ -256,16 +270,8 @@ class NodeLevel(Level):
         cfg = self.config
         patcher = NodePatcher(self.model, self.graph, batch, ablation=cfg.ablation, metric=self.metric,
                               chunk_size=cfg.chunk_size, prompt_batch=cfg.prompt_batch)
-        cols = torch.tensor(self.columns, dtype=torch.long)
-        n = self.graph.n_nodes
-        device = patcher.ablatable.device
-
-        def to_ablate(keep: Tensor) -> Tensor:
-            ablate = torch.zeros(len(keep), n, dtype=torch.bool)
-            ablate[:, cols] = ~keep.cpu()
-            return ablate.to(device)
-
-        return Evaluator(patcher, to_ablate, cfg.masks_per_call)
+        return Evaluator.over_columns(patcher, self.columns, self.graph.n_nodes, patcher.ablatable.device,
+                                      cfg.masks_per_call)
 
 
 LEVELS: dict[str, Callable[..., Level]] = {

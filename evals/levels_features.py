@@ -102,16 +102,8 @@ class FeatureLevel(Level):
         from patching.features import FeaturePatcher
 
         patcher = FeaturePatcher(self.model, self.fgraph, batch, ablation=self.config.ablation, metric=self.metric)
-        cols = torch.tensor(self.columns, dtype=torch.long)
-        n = self.fgraph.n_nodes
-        device = patcher.clean_metric.device
-
-        def to_ablate(keep: Tensor) -> Tensor:
-            ablate = torch.zeros(len(keep), n, dtype=torch.bool)
-            ablate[:, cols] = ~keep.cpu()
-            return ablate.to(device)
-
-        return Evaluator(patcher, to_ablate, self.config.masks_per_call)
+        return Evaluator.over_columns(patcher, self.columns, self.fgraph.n_nodes, patcher.clean_metric.device,
+                                      self.config.masks_per_call)
 
 
 __all__ = ["FeatureLevel", "check_saes", "load_bases"]

@@ -163,7 +163,7 @@ def _probe_hooks(setup: _Setup, *, record: dict[str, Tensor] | None, sender_prob
             if record is not None:
                 record[g.key] = u.detach().clone()
             changed = False
-            if alpha is not None and g.kind in ("embed", "pos_embed"):
+            if alpha is not None and g.is_input:  # the model inputs (patching/kinds.py: is_input)
                 a = abl[g.key]
                 u = a + alpha * (u - a)
                 changed = True

@@ -44,6 +44,7 @@ from patching.attribution import eap, eap_ig
 from patching.batch import TaskBatch
 from patching.exact import EdgePatcher, NodePatcher
 from patching.graph import ComponentGraph
+from patching.kinds import unit_kind
 from patching.memory import fmt_bytes, peak_rss_bytes, reset_peak_rss
 from patching.metrics import gather_pos, get_metric
 from patching.wiring import Wiring, prepared
@@ -93,25 +94,22 @@ def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
 
 def _naive(model: Any, wiring: Wiring, batch: TaskBatch, abl: dict[str, torch.Tensor],
            nodes: set[str]) -> Callable[[], None]:
-    """One hooked forward per head / MLP / block in ``nodes``: the loop the engine replaces."""
+    """One hooked forward per unit in ``nodes``, each replacing that unit (in its sender group's unit form,
+    ``patching/senders.py``) by its ablated value: the loop the engine replaces."""
     jobs: list[list[tuple[str, Callable[..., Any]]]] = []
     for g in wiring.senders:
-        for u in range(g.n if g.kind in ("heads", "mlp", "block") else 0):
+        for u in range(g.n):
             if wiring.graph.nodes[int(g.node_idx[u])].id not in nodes:
                 continue
-            value = abl[g.key][..., u, :]
-            if g.kind == "heads":
-                def fn(x: torch.Tensor, hook: Any, _u: int = u, _v: torch.Tensor = value) -> torch.Tensor:
-                    x = x.clone()
-                    x[:, :, _u] = _v
-                    return x
-                jobs.append([(g.hook, fn)])
-            elif g.kind == "mlp":
-                jobs.append([(g.hook, lambda x, hook, _v=value: _v.expand_as(x).clone())])
-            else:  # a block: output = input + ablated contribution
-                seen: dict[str, torch.Tensor] = {}
-                jobs.append([(g.in_hook, lambda x, hook, _s=seen: _s.__setitem__("in", x)),
-                             (g.hook, lambda x, hook, _s=seen, _v=value: _s["in"] + _v)])
+            seen: dict[str, torch.Tensor] = {}
+
+            def fn(x: torch.Tensor, hook: Any, _g: Any = g, _u: int = u, _s: dict = seen) -> torch.Tensor:
+                blk = _s.get("in")
+                units = _g.units(x, blk).clone()
+                units[..., _u, :] = abl[_g.key][..., _u, :]
+                return _g.from_units(units, blk)
+            hooks = [(g.in_hook, lambda x, hook, _s=seen: _s.__setitem__("in", x))] if g.in_hook else []
+            jobs.append([*hooks, (g.hook, fn)])
 
     def run() -> None:
         with torch.no_grad():
@@ -139,7 +137,7 @@ def bench_patching(model: Any, batch: TaskBatch, config: BenchConfig = BenchConf
     w, b = npatch.wiring, npatch.batch
     with torch.no_grad(), prepared(model):
         abl, _ = ablation_values(w, b, npatch.clean_units, config.ablation, bos=bos_token_id(model))
-    ablatable = [i for i, n in enumerate(graph.nodes) if n.kind in ("attn_head", "mlp", "block")]
+    ablatable = [i for i, n in enumerate(graph.nodes) if unit_kind(n.kind).ablatable]
     if config.max_ablations is not None and config.max_ablations < len(ablatable):
         pick = torch.randperm(len(ablatable), generator=torch.Generator().manual_seed(config.seed))
         ablatable = sorted(ablatable[i] for i in pick[:config.max_ablations].tolist())

@@ -48,8 +48,11 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from patching.kinds import KINDS, unit_kind
+
 log = logging.getLogger(__name__)
 
+#: The built-in kinds of a component graph (every kind is a registered class: patching/kinds.py, ``KINDS``).
 NODE_KINDS = ("embed", "pos_embed", "attn_head", "mlp", "neuron", "block", "logits")
 QKV = ("q", "k", "v")
 
@@ -202,56 +205,73 @@ class ComponentGraph:
                    bool(d["supports_edges"]), dict(d.get("meta", {})))
 
     @classmethod
-    def from_model(cls, model: Any, *, neurons: bool = False) -> ComponentGraph:
-        """The component graph of ``model`` (a TransformerBridge); ``neurons`` adds MLP neurons."""
+    def from_model(cls, model: Any, *, neurons: bool = False, kinds: tuple[str, ...] = (),
+                   without: tuple[str, ...] = ()) -> ComponentGraph:
+        """The component graph of ``model`` (a TransformerBridge); ``neurons`` adds MLP neurons, ``kinds`` any
+        other registered non-default unit kinds (:mod:`patching.kinds`), ``without`` leaves kinds out."""
         from patching.model_info import inspect_model
 
+        graph_kinds(kinds=kinds, without=without)  # unknown kind names fail before the model is inspected
         info = inspect_model(model)
-        return build_graph(info, neurons=neurons)
+        return build_graph(info, neurons=neurons, kinds=kinds, without=without)
 
 
-def build_graph(info: dict[str, Any], *, neurons: bool = False) -> ComponentGraph:
-    """Pure construction of the graph from :func:`patching.model_info.inspect_model`'s facts."""
+def graph_kinds(*, neurons: bool = False, kinds: tuple[str, ...] | list[str] = (),
+                without: tuple[str, ...] | list[str] = ()) -> list[Any]:
+    """The registered unit kinds a graph holds: every default kind, ``neuron`` with ``neurons``, and ``kinds``,
+    less ``without`` (e.g. a coarser graph with another kind in place of the heads)."""
+    for k in (*kinds, *without):
+        unit_kind(k)  # unknown names: one line naming the registered kinds
+    want = set(kinds) | ({"neuron"} if neurons else set())
+    return [k for k in KINDS.values() if (k.default or k.name in want) and k.name not in without]
+
+
+def build_graph(info: dict[str, Any], *, neurons: bool = False, kinds: tuple[str, ...] | list[str] = (),
+                without: tuple[str, ...] | list[str] = ()) -> ComponentGraph:
+    """Pure construction of the graph from :func:`patching.model_info.inspect_model`'s facts.
+
+    Every node, id and edge comes from the unit kinds (:mod:`patching.kinds`): the inputs, then per layer the
+    kinds of its attention stage and of its MLP stage (registration order within a stage), then the sink.
+    A receiver at ``(L, stage)`` reads every sender at an earlier position (in parallel blocks, the MLP reads
+    what attention reads); the logits read every sender. ``kinds`` adds registered non-default kinds, ``without``
+    leaves kinds out."""
+    chosen = graph_kinds(neurons=neurons, kinds=kinds, without=without)
     meta = dict(info)
-    nodes: list[Node] = [Node("embed", "embed", None, hook="hook_embed")]
-    if info["pos_embed"]:
-        nodes.append(Node("pos_embed", "pos_embed", None, hook="hook_pos_embed"))
-    senders = [n.id for n in nodes]
-    # prefix[r] = number of senders a receiver reads, keyed by (kind, layer)
-    prefix: dict[tuple[str, int], int] = {}
-    if info["family"] == "recurrent":
-        for L in range(info["n_layers"]):
-            nodes.append(Node(f"b{L}", "block", L, hook=f"blocks.{L}.hook_out"))
-        nodes.append(Node("logits", "logits", None, hook=info["logits_hook"]))
-        meta["senders"] = []
-        return ComponentGraph(tuple(nodes), (), False, meta)
+    recurrent = info["family"] == "recurrent"  # no residual graph: node-level patching only
+    nodes: list[Node] = []
+    where: list[tuple[int, int]] = []  # each node's position in the residual order: (layer, stage), inputs first
+    spec: list[Any] = []
 
-    mlp_layers = set(info["mlp_layers"])
+    def add(k: Any, layer: int | None, pos: tuple[int, int]) -> None:
+        for d in k.nodes(info, layer):
+            nodes.append(Node(d["id"], k.name, d.get("layer"), d.get("head"), d.get("index"), d.get("hook", "")))
+            where.append(pos)
+            spec.append(k)
+
+    for k in chosen:
+        if k.is_input:
+            add(k, None, (-1, 0))
+    layered = sorted((k for k in chosen if not (k.is_input or k.is_sink)), key=lambda k: k.stage)
     for L in range(info["n_layers"]):
-        prefix[("attn", L)] = len(senders)
-        for h in range(info["n_heads"]):
-            nodes.append(Node(f"a{L}.h{h}", "attn_head", L, head=h, hook=f"blocks.{L}.attn.hook_result"))
-            senders.append(f"a{L}.h{h}")
-        if L in mlp_layers:
-            prefix[("mlp", L)] = len(senders) - (info["n_heads"] if info["parallel"] else 0)
-            nodes.append(Node(f"m{L}", "mlp", L, hook=f"blocks.{L}.hook_mlp_out"))
-            senders.append(f"m{L}")
-            if neurons:
-                nodes.extend(Node(f"m{L}.n{i}", "neuron", L, index=i, hook=f"blocks.{L}.mlp.hook_post")
-                             for i in range(info["d_mlp"]))
-    nodes.append(Node("logits", "logits", None, hook=info["logits_hook"]))
-    meta["senders"] = senders
+        for k in layered:
+            add(k, L, (L, k.stage))
+    for k in chosen:
+        if k.is_sink:
+            add(k, None, (info["n_layers"], 0))
+    senders = [] if recurrent else [i for i, k in enumerate(spec) if k.edge_sender]
+    meta["senders"] = [nodes[i].id for i in senders]
 
     edges: list[Edge] = []
-    if info["supports_edges"]:
-        for L in range(info["n_layers"]):
-            for h in range(info["n_heads"]):
-                for inp in QKV:
-                    edges.extend(Edge(s, f"a{L}.h{h}", inp) for s in senders[: prefix[("attn", L)]])
-            if L in mlp_layers:
-                edges.extend(Edge(s, f"m{L}") for s in senders[: prefix[("mlp", L)]])
-        edges.extend(Edge(s, "logits") for s in senders)
-    return ComponentGraph(tuple(nodes), tuple(edges), bool(info["supports_edges"]), meta)
+    supports = bool(info["supports_edges"]) and not recurrent
+    if supports:
+        for r, k in enumerate(spec):
+            if not k.inputs:
+                continue
+            at = where[r] if k.is_sink or not info["parallel"] else (where[r][0], 0)
+            reads = [nodes[s].id for s in senders if where[s] < at]
+            for inp in k.inputs:
+                edges.extend(Edge(s, nodes[r].id, inp) for s in reads)
+    return ComponentGraph(tuple(nodes), tuple(edges), supports, meta)
 
 
-__all__ = ["Node", "Edge", "ComponentGraph", "build_graph", "NODE_KINDS", "QKV"]
+__all__ = ["Node", "Edge", "ComponentGraph", "build_graph", "graph_kinds", "NODE_KINDS", "QKV"]

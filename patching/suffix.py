@@ -30,6 +30,15 @@ from torch import Tensor
 from patching.parts import Part
 from patching.wiring import SenderGroup
 
+#: The sender groups with a fast path here (``SenderGroup.kind`` of patching/kinds.py's built-in kinds); a mask
+#: that ablates a node of any other kind re-runs that node's layer whole (and the last layer at every position).
+_FAST = ("heads", "mlp", "neurons", "block")
+
+
+def _other(masks: dict[str, Tensor | None]) -> bool:
+    """Whether a layer's masks ablate a node of a kind without a fast path."""
+    return any(m is not None for k, m in masks.items() if k not in _FAST)
+
 
 def _tile(t: Tensor, K: int) -> Tensor:
     """``K`` copies of ``t`` along the batch dimension (mask-major rows)."""
@@ -48,12 +57,13 @@ class SuffixRunner:
         for g in w.senders:
             if g.layer is not None:
                 self.by_layer.setdefault(g.layer, {})[g.kind] = g
-        # each node's stage: 2L (heads, neurons, block of layer L), 2L + 1 (the MLP of layer L: masks whose first
-        # ablated node is an MLP skip its layer entirely); -1: embeddings, which need a whole forward
+        # each node's stage: 2L + its kind's replay_stage (patching/kinds.py): 2L for heads, neurons, a block (and
+        # any other kind: its layer re-run whole), 2L + 1 for the MLP of layer L (masks whose first ablated node is
+        # an MLP skip its layer entirely); -1: the inputs (embeddings), which need a whole forward
         stage = torch.full((patcher.graph.n_nodes,), -1, dtype=torch.long)
         for g in w.senders:
             if g.layer is not None:
-                stage[g.node_idx.cpu()] = 2 * g.layer + (g.kind == "mlp")
+                stage[g.node_idx.cpu()] = 2 * g.layer + g.unit_kind.replay_stage
         self.node_stage = stage.to(w.device)
         self.none = 2 * self.n_layers  # the start of a mask that ablates nothing
         self._basis: tuple[int, Tensor | None] = (-1, None)
@@ -113,11 +123,15 @@ class SuffixRunner:
         K, L = masks.shape[0], s // 2
         gs = self.by_layer.get(L, {})
         m = {kind: st.masks[g.i] for kind, g in gs.items()}
-        heads, mlp, neurons, block = (m.get(k) for k in ("heads", "mlp", "neurons", "block"))
+        heads, mlp, neurons, block = (m.get(k) for k in _FAST)
         last = L == self.n_layers - 1
         for g in gs.values():  # layer L is handled here, not by its hooks (re-enabled below for MLP re-runs)
             st.masks[g.i] = None
-        if block is not None:
+        if _other(m):  # a kind without a fast path here: block L re-run whole, its hooks ablating its nodes
+            for kind, g in gs.items():
+                st.masks[g.i] = m[kind]
+            x = rp.blocks(_tile(rp.pre(L), K), L, K, L + 1)
+        elif block is not None:
             x = _tile(rp.post(L), K) + self._unit_delta(gs["block"], block)
         elif (heads is not None and not self.heads_linear.get(L)) or (
                 (mlp is not None or neurons is not None) and not rp.staged[L]):
@@ -160,7 +174,7 @@ class SuffixRunner:
         if start > last:
             return rp.logits(rp.gather(x, self.pos))[:, 0]
         x = rp.blocks(x, start, K, last)
-        if not rp.staged[last] or neurons is not None:
+        if not rp.staged[last] or neurons is not None or _other({k: st.masks[g.i] for k, g in gs.items()}):
             return rp.logits(rp.gather(rp.blocks(x, last, K), self.pos))[:, 0]
         mid = rp.attn_stage(last, x, K)  # the last layer's heads ablated by their hooks
         mlp = None
@@ -189,7 +203,7 @@ class EdgeSuffixRunner:
         self.none = 2 * n + 1
         stage = torch.full((patcher.graph.n_edges,), -1, dtype=torch.long, device=w.device)
         for r in w.receivers:
-            stage[r.edge_idx.flatten().to(w.device)] = 2 * n if r.layer is None else 2 * r.layer + (r.input is None)
+            stage[r.edge_idx.flatten().to(w.device)] = 2 * n if r.layer is None else 2 * r.layer + r.stage
         self.edge_stage = stage
         self.stage_ok = [replay.usable_from(s // 2) and (s % 2 == 0 or replay.staged[s // 2])
                          for s in range(2 * n)] + [replay.logits_ok]

@@ -33,8 +33,8 @@ from torch import Tensor
 
 from patching.gqa import repeat_heads, ungrouped
 from patching.graph import QKV, ComponentGraph
+from patching.kinds import UnitKind, group_kind, unit_kind
 from patching.model_info import model_device, model_dtype
-from patching.norms import fused_norm_projection
 from patching.senders import group_family
 
 Hook = tuple[str, Callable[..., Any]]
@@ -54,10 +54,23 @@ class SenderGroup:
     in_hook: str | None = None  # blocks: where the block input is read
     device: torch.device | None = None  # where its hook runs (multi-GPU: its layer's device)
     family: Any = None          # its sender family (patching/senders.py): unit form and residual write
+    unit_kind: UnitKind | None = None  # its nodes' kind (patching/kinds.py): stage, input or not, ...
 
     def __post_init__(self) -> None:
         if self.family is None:
             self.family = group_family(self.kind, self.hook, W_O=self.W_O, in_hook=self.in_hook)
+        if self.unit_kind is None:
+            self.unit_kind = group_kind(self.kind)
+
+    @property
+    def stage(self) -> int | None:
+        """Its stage in its layer (0: attention, 1: MLP; ``None``: a model input)."""
+        return self.unit_kind.stage
+
+    @property
+    def is_input(self) -> bool:
+        """A model input (an embedding): EAP-IG interpolates it."""
+        return self.unit_kind.is_input
 
     @property
     def n(self) -> int:
@@ -89,6 +102,7 @@ class ReceiverGroup:
     ln_hook: str | None = None
     fused: Any = None            # projected: patching.norms.fused_norm_projection(ln, W, b) or None
     device: torch.device | None = None  # where its hook runs (multi-GPU: its layer's device)
+    stage: int | None = None     # its stage in its layer (0: attention, 1: MLP; None: the logits)
 
     @property
     def R(self) -> int:
@@ -178,42 +192,23 @@ class Wiring:
         self.senders.append(SenderGroup(i=len(self.senders), **kw))
 
     def _build_senders(self) -> None:
+        """One sender group per (kind, layer): its hook, family, ``W_O`` and device come from the node's unit
+        kind (:meth:`patching.kinds.UnitKind.sender`)."""
         g, order = self.graph, {s: i for i, s in enumerate(self.graph.senders)}
         by_layer: dict[tuple[str, int | None], list[str]] = {}
         for n in g.nodes:
-            if n.kind != "logits":
+            if not unit_kind(n.kind).is_sink:
                 by_layer.setdefault((n.kind, n.layer), []).append(n.id)
         for (kind, layer), ids in by_layer.items():
             s0 = order.get(ids[0])
             s1 = None if s0 is None else s0 + len(ids)
-            if kind in ("embed", "pos_embed"):
-                self._add_sender(key=kind, kind=kind, layer=None, hook=f"hook_{kind}", node_idx=self._idx(ids),
-                                 s0=s0, s1=s1)
-            elif kind == "attn_head":
-                heads = [g.node(i).head for i in ids]
-                if heads != list(range(len(heads))):
-                    raise ValueError(f"graph lists heads of layer {layer} out of order: {heads}")
-                dev = self.layer_device(layer)
-                W_O = self.model.blocks[layer].attn.W_O.detach().to(device=dev, dtype=self.dtype)
-                self._add_sender(key=f"attn{layer}", kind="heads", layer=layer,
-                                 hook=f"blocks.{layer}.attn.hook_z", node_idx=self._idx(ids), s0=s0, s1=s1,
-                                 W_O=W_O, device=dev)
-            elif kind == "mlp":
-                self._add_sender(key=f"mlp{layer}", kind="mlp", layer=layer, hook=f"blocks.{layer}.hook_mlp_out",
-                                 node_idx=self._idx(ids), s0=s0, s1=s1)
-            elif kind == "neuron":
-                index = [g.node(i).index for i in ids]
-                if index != list(range(len(index))):
-                    raise ValueError(f"graph lists neurons of layer {layer} partially or out of order")
-                self._add_sender(key=f"neurons{layer}", kind="neurons", layer=layer,
-                                 hook=f"blocks.{layer}.mlp.hook_post", node_idx=self._idx(ids))
-            elif kind == "block":
-                self._add_sender(key=f"block{layer}", kind="block", layer=layer, hook=f"blocks.{layer}.hook_out",
-                                 in_hook=f"blocks.{layer}.hook_in", node_idx=self._idx(ids))
-            else:
-                raise ValueError(f"unknown node kind {kind!r}")
+            spec = unit_kind(kind)
+            self._add_sender(**spec.sender(self, layer, ids), node_idx=self._idx(ids), s0=s0, s1=s1,
+                             unit_kind=spec)
 
     def _build_receivers(self) -> None:
+        """One receiver group per (layer component, input); its hook, mode and projections come from the
+        receiving node's unit kind (:meth:`patching.kinds.UnitKind.receiver`)."""
         g = self.graph
         groups: dict[tuple[str, str | None], list[list[int]]] = {}
         rows: dict[tuple[str, str | None], list[int]] = {}
@@ -223,36 +218,18 @@ class Wiring:
         # one group per (layer component, input); receivers inside a group share a sender prefix
         for (recv, inp), idx in rows.items():
             node = g.node(recv)
-            gkey = (f"a{node.layer}.{inp}" if node.kind == "attn_head" else recv, inp)
-            groups.setdefault(gkey, []).append(idx)
+            groups.setdefault((unit_kind(node.kind).receiver_key(node, inp), inp), []).append(idx)
         for (key, inp), lists in groups.items():
             if len({len(x) for x in lists}) != 1:
                 raise ValueError(f"receiver group {key}: receivers read different sender sets")
             edge_idx = torch.tensor(lists, dtype=torch.long, device=self.device)
-            first = g.edges[lists[0][0]]
-            node = g.node(first.receiver)
-            L = node.layer
-            if node.kind == "attn_head":
-                heads = [g.node(g.edges[x[0]].receiver).head for x in lists]
-                if heads != list(range(int(meta["n_heads"]))):
-                    raise ValueError(f"receiver group {key}: edges into heads {heads} are not one per head in order")
-            dev = self.layer_device(L, logits=node.kind == "logits")
-            kw: dict[str, Any] = dict(i=len(self.receivers), key=key, layer=L, input=inp, edge_idx=edge_idx.to(dev),
-                                      device=dev)
-            if node.kind == "logits":
-                self.receivers.append(ReceiverGroup(hook=meta["logits_hook"], mode="resid", **kw))
-            elif node.kind == "mlp":
-                self.receivers.append(ReceiverGroup(hook=meta["mlp_in_hooks"][str(L)], mode="resid", **kw))
-            elif self.qkv_path == "split":
-                self.receivers.append(ReceiverGroup(hook=f"blocks.{L}.attn.hook_{inp}_input", mode="split", **kw))
-            else:
-                attn = self.model.blocks[L].attn
-                W, b = projection(attn, inp, self.dtype, int(meta["n_heads"]))
-                W, b = W.to(dev), None if b is None else b.to(dev)
-                ln = None if meta.get("normalization") is None else self.model.blocks[L].ln1.original_component
-                fused = None if ln is None else fused_norm_projection(ln, W, b)
-                self.receivers.append(ReceiverGroup(hook=f"blocks.{L}.attn.hook_{inp}", mode="projected", W=W,
-                                                    b=b, ln=ln, fused=fused, ln_hook=f"blocks.{L}.ln1.hook_in", **kw))
+            node = g.node(g.edges[lists[0][0]].receiver)
+            spec, L = unit_kind(node.kind), node.layer
+            spec.check_receivers(key, [g.node(g.edges[x[0]].receiver) for x in lists], meta)
+            dev = spec.receiver_device(self, L)
+            self.receivers.append(ReceiverGroup(i=len(self.receivers), key=key, layer=L, input=inp,
+                                                edge_idx=edge_idx.to(dev), device=dev,
+                                                **spec.receiver(self, L, inp, dev)))
         order = {s: i for i, s in enumerate(g.senders)}
         for r in self.receivers:  # sanity: every group reads a sender prefix in order
             senders = [order[g.edges[int(j)].sender] for j in r.edge_idx[0].tolist()]

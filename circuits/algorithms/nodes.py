@@ -26,14 +26,16 @@ from circuits.algorithms.base import DiscoveryConfig, DiscoveryResult, register
 from circuits.algorithms.budget import smallest_faithful
 from circuits.algorithms.engine import attribution_options, patcher_options
 from circuits.algorithms.select import select_units
-
-ABLATABLE_KINDS = ("attn_head", "mlp", "neuron", "block", "feature")
+from patching.kinds import parse_node_id, unit_kind
 
 
 def eligible_units(graph: Any, ids: tuple[str, ...]) -> torch.Tensor:
-    """Which scored units can be ablated (heads, MLPs, neurons, blocks; not the inputs or the logits)."""
+    """Which scored units discovery may leave out of a circuit: those whose unit kind is ``ablatable``
+    (:mod:`patching.kinds`: heads, MLPs, neurons, blocks, features; not the inputs, the logits or error nodes).
+    An id the graph does not list is read by :func:`patching.kinds.parse_node_id`."""
     kinds = {n.id: n.kind for n in graph.nodes}
-    return torch.tensor([kinds.get(i, "neuron") in ABLATABLE_KINDS for i in ids], dtype=torch.bool)
+    return torch.tensor([unit_kind(kinds[i] if i in kinds else parse_node_id(i)["kind"]).ablatable for i in ids],
+                        dtype=torch.bool)
 
 
 def _select(model: Any, graph: Any, batch: Any, scores: Any, config: DiscoveryConfig, method: str, level: str,

@@ -6,21 +6,20 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-_KIND_RANK = {"embed": 0, "pos_embed": 0, "attn_head": 1, "block": 1, "mlp": 2, "neuron": 2, "feature": 2}
+from patching.kinds import unit_kind
+
 _INPUT_RANK = {"q": 0, "k": 1, "v": 2, None: 3}
 
 
 def node_key(node: Any) -> tuple[float, int, int]:
     """Sort key putting every node after the nodes it can read from: inputs, then per layer attention
-    heads (and recurrent blocks) before the MLP, then the logits."""
-    if node.kind == "logits":
-        return (float("inf"), 0, 0)
-    if node.kind in ("embed", "pos_embed"):
-        return (-1.0, 0, 0 if node.kind == "embed" else 1)
-    if node.kind not in _KIND_RANK:
-        raise ValueError(f"node {node.id!r}: unknown kind {node.kind!r}")
-    sub = node.head if node.head is not None else (node.index if node.index is not None else 0)
-    return (float(node.layer), _KIND_RANK[node.kind], int(sub))
+    heads (and recurrent blocks) before the MLP, then the logits (each kind's
+    :meth:`patching.kinds.UnitKind.order_key`; an unknown kind raises a one-line ``ValueError``)."""
+    try:
+        kind = unit_kind(node.kind)
+    except ValueError as e:
+        raise ValueError(f"node {node.id!r}: {e}") from None
+    return kind.order_key(node)
 
 
 @dataclass(frozen=True)

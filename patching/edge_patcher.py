@@ -94,7 +94,7 @@ class EdgePatcher(Patcher):
         stage = torch.full((w.S,), -2, dtype=torch.long, device=w.device)
         for g in w.senders:
             if g.s0 is not None and g.layer is not None:
-                stage[g.s0:g.s1] = 2 * g.layer + (g.kind != "heads")
+                stage[g.s0:g.s1] = 2 * g.layer + g.stage  # its unit kind's stage (patching/kinds.py)
         self._sender_stage = stage
         for part in self.parts:
             if part.replay is not None:

@@ -1,0 +1,196 @@
+"""A new kind of unit is one class: a kind defined only in this file, registered, and run by the engine.
+
+``AttnLayerKind`` makes a whole attention layer one unit, ``attn{L}``: its output is ``blocks.L.hook_attn_out``
+and its edge input is the pre-norm input of that layer's attention (``blocks.L.ln1.hook_in``, which q, k and v
+all read). A graph built with it in place of the heads (``kinds=("attn_layer",), without=("attn_head",)``) is
+patched and attributed by the unchanged engine; every number is checked against hand-written TransformerLens
+hooks (the corrupted run's activations put in by hand; gradients by ``retain_grad``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_models import gpt2_bridge, random_batch
+
+from circuits.algorithms.nodes import eligible_units
+from circuits.algorithms.order import acdc_receivers, node_key
+from patching import ComponentGraph, EdgePatcher, NodePatcher, atp, eap, eap_ig
+from patching.kinds import UnitKind, parse_node_id, register_kind, unit_kind
+from patching.metrics import gather_pos
+from patching.senders import MLPFamily
+
+
+@register_kind
+class AttnLayerKind(UnitKind):
+    """A whole attention layer ``attn{L}`` as one unit (module docstring)."""
+
+    name = group = "attn_layer"
+    pattern, fields = r"attn(\d+)", ("layer",)
+    stage, rank = 0, 1          # written in the attention stage of its layer; ordered with the heads
+    inputs = (None,)            # one edge input
+    default = False             # only in graphs that name it
+
+    def nodes(self, info, layer):
+        if layer is None:
+            return []
+        return [{"id": f"attn{layer}", "layer": layer, "hook": f"blocks.{layer}.hook_attn_out"}]
+
+    def sender(self, wiring, layer, ids):
+        hook = f"blocks.{layer}.hook_attn_out"  # one unit of d_model features whose write is its value
+        return {"key": f"attn_layer{layer}", "kind": self.group, "layer": layer, "hook": hook,
+                "family": MLPFamily(hook, kind=self.group)}
+
+    def receiver(self, wiring, layer, inp, device):
+        return {"hook": f"blocks.{layer}.ln1.hook_in", "mode": "resid", "stage": self.stage}
+
+
+BATCH = random_batch(B=5, P=8, seed=5)
+OUT = {"embed": "hook_embed", "pos_embed": "hook_pos_embed",
+       **{f"attn{L}": f"blocks.{L}.hook_attn_out" for L in (0, 1)},
+       **{f"m{L}": f"blocks.{L}.hook_mlp_out" for L in (0, 1)}}
+IN = {**{f"attn{L}": f"blocks.{L}.ln1.hook_in" for L in (0, 1)}, **{f"m{L}": f"blocks.{L}.ln2.hook_in" for L in (0, 1)},
+      "logits": "ln_final.hook_in"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return gpt2_bridge(seed=2)
+
+
+@pytest.fixture(scope="module")
+def graph(model):
+    return ComponentGraph.from_model(model, kinds=("attn_layer",), without=("attn_head",))
+
+
+def logit_diff(logits, batch):
+    at = gather_pos(logits, batch.pos)
+    return at.gather(-1, batch.answer[:, None])[:, 0] - at.gather(-1, batch.wrong[:, None])[:, 0]
+
+
+def run(model, tokens, hooks):
+    with model.hooks(fwd_hooks=hooks):
+        return model(tokens)
+
+
+def cache(model, tokens):
+    with torch.no_grad():
+        _, c = model.run_with_cache(tokens, names_filter=list(OUT.values()))
+    return {s: c[h] for s, h in OUT.items()}
+
+
+def test_graph_of_the_new_kind(graph):
+    ids = [n.id for n in graph.nodes]
+    assert ids == ["embed", "pos_embed", "attn0", "m0", "attn1", "m1", "logits"]
+    assert graph.node("attn1").kind == "attn_layer" and graph.node("attn1").hook == "blocks.1.hook_attn_out"
+    into = {r: sorted(graph.edges[i].sender for i in graph.incoming(r)) for r in ("attn0", "m0", "attn1", "m1")}
+    assert into == {"attn0": ["embed", "pos_embed"], "m0": ["attn0", "embed", "pos_embed"],
+                    "attn1": ["attn0", "embed", "m0", "pos_embed"],
+                    "m1": ["attn0", "attn1", "embed", "m0", "pos_embed"]}
+    assert len(graph.incoming("logits")) == 6 and graph.n_edges == 2 + 3 + 4 + 5 + 6
+    # the generic code asks the class: ids, order, eligibility, ACDC's receiver order
+    assert parse_node_id("attn3") == {"kind": "attn_layer", "layer": 3, "head": None, "index": None}
+    assert sorted(graph.nodes, key=node_key) == list(graph.nodes)
+    assert eligible_units(graph, ("embed", "attn0", "m1", "attn1")).tolist() == [False, True, True, True]
+    assert [r.id for r in acdc_receivers(graph)] == ["logits", "m1", "attn1", "m0", "attn0"]
+    assert unit_kind("attn_layer") is not None and "attn_head" not in {n.kind for n in graph.nodes}
+    with pytest.raises(ValueError, match="unknown node kind 'nope'"):
+        ComponentGraph.from_model(None, kinds=("nope",))
+
+
+def test_default_graph_does_not_contain_the_new_kind(model):
+    g = ComponentGraph.from_model(model)
+    assert "attn_layer" not in {n.kind for n in g.nodes} and "a1.h3" in g.node_index
+
+
+@pytest.mark.parametrize("suffix", [True, False])
+def test_node_patching_of_the_new_kind_matches_hand_hooks(model, graph, suffix):
+    p = NodePatcher(model, graph, BATCH, ablation="resample", suffix=suffix)
+    src = cache(model, BATCH.corrupt)
+    cases = [["attn0"], ["attn1"], ["attn1", "m0"], ["attn0", "m1"], ["attn0", "attn1", "m0", "m1"]]
+    got = p.run_logits(torch.stack([graph.node_mask(c) for c in cases]))
+    for k, nodes in enumerate(cases):
+        hooks = [(OUT[n], lambda x, hook, n=n: src[n]) for n in nodes]
+        with torch.no_grad():
+            want = gather_pos(run(model, BATCH.clean, hooks), BATCH.pos)
+        assert torch.allclose(got[k], want, atol=2e-5), (nodes, (got[k] - want).abs().max())
+        assert (want - p.clean_logits).abs().max() > 1e-3, f"{nodes}: no effect, weak oracle"
+
+
+def hand_edge_logits(model, graph, edges):
+    """Logits with ``edges`` resample-ablated by explicit hooks: each receiver's input gets, for each of its
+    ablated edges, the sender's corrupted output minus its output in this run."""
+    src = cache(model, BATCH.corrupt)
+    current: dict[str, torch.Tensor] = {}
+    hooks = [(h, lambda x, hook, s=s: current.__setitem__(s, x)) for s, h in OUT.items()]
+    by_recv: dict[str, list[str]] = {}
+    for eid in edges:
+        e = graph.edges[graph.edge_index[eid]]
+        by_recv.setdefault(e.receiver, []).append(e.sender)
+    hooks += [(IN[r], lambda x, hook, ss=ss: x + sum(src[s] - current[s] for s in ss)) for r, ss in by_recv.items()]
+    with torch.no_grad():
+        return gather_pos(run(model, BATCH.clean, hooks), BATCH.pos)
+
+
+EDGE_SETS = [["attn0->attn1"], ["embed->attn1"], ["attn0->m1"], ["attn1->logits"], ["m0->attn1"],
+             ["embed->attn0"], ["attn0->attn1", "attn1->logits", "m0->attn1", "attn1->m1"]]
+
+
+def test_edge_patching_of_the_new_kind_matches_hand_hooks(model, graph):
+    p = EdgePatcher(model, graph, BATCH, ablation="resample")
+    got = p.run_logits(torch.stack([graph.edge_mask(s) for s in EDGE_SETS]))
+    for k, edges in enumerate(EDGE_SETS):
+        want = hand_edge_logits(model, graph, edges)
+        assert torch.allclose(got[k], want, atol=2e-5), (edges, (got[k] - want).abs().max())
+        assert (want - p.clean_logits).abs().max() > 1e-3, f"{edges}: no effect, weak oracle"
+
+
+def hand_gradients(model, hooks_at, interpolate=None):
+    """d(sum of logit differences) / d(activation) at each hook of ``hooks_at`` (a fresh tensor per hook, so the
+    residual stream itself is not the leaf); ``interpolate``: hooks replacing the embeddings."""
+    saved = {}
+
+    def keep(x, hook, name):  # by the name asked for (hook.name is the aliased hook's own name)
+        y = x.clone()
+        y.retain_grad()
+        saved[name] = y
+        return y
+    hooks = [(h, lambda x, hook, h=h: keep(x, hook, h)) for h in hooks_at]
+    logits = run(model, BATCH.clean, [*(interpolate or []), *hooks])
+    logit_diff(logits, BATCH).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return {h: saved[h].grad for h in hooks_at}
+
+
+def test_eap_and_atp_of_the_new_kind_match_hand_gradients(model, graph):
+    clean, corr = cache(model, BATCH.clean), cache(model, BATCH.corrupt)
+    B = len(BATCH.pos)
+    grads = hand_gradients(model, sorted(set(IN.values())))
+    want = torch.tensor([float(((corr[e.sender] - clean[e.sender]) * grads[IN[e.receiver]]).sum() / B)
+                         for e in graph.edges])
+    got = eap(model, graph, BATCH, ablation="resample")
+    assert want.abs().max() > 0.05
+    assert torch.allclose(got.values, want, atol=2e-5), (got.values - want).abs().max()
+    # node-level AtP: (corrupted - clean) . d metric / d output, the new kind's output read at hook_attn_out
+    out_grads = hand_gradients(model, [OUT[n] for n in ("attn0", "m0", "attn1", "m1")])
+    scores = atp(model, graph, BATCH, ablation="resample")
+    for n in ("attn0", "m0", "attn1", "m1"):
+        w = float(((corr[n] - clean[n]) * out_grads[OUT[n]]).sum() / B)
+        assert abs(float(scores.values[scores.ids.index(n)]) - w) < 2e-5, n
+
+
+def test_eap_ig_of_the_new_kind_matches_hand_integrated_gradients(model, graph):
+    clean, corr = cache(model, BATCH.clean), cache(model, BATCH.corrupt)
+    steps, B = 3, len(BATCH.pos)
+    grads = {h: 0.0 for h in set(IN.values())}
+    for k in range(1, steps + 1):
+        a = k / steps
+        interp = [(OUT[e], lambda x, hook, e=e, a=a: (corr[e] + a * (clean[e] - corr[e])).requires_grad_())
+                  for e in ("embed", "pos_embed")]
+        for h, g in hand_gradients(model, sorted(grads), interp).items():
+            grads[h] = grads[h] + g / steps
+    want = torch.tensor([float(((corr[e.sender] - clean[e.sender]) * grads[IN[e.receiver]]).sum() / B)
+                         for e in graph.edges])
+    got = eap_ig(model, graph, BATCH, ablation="resample", steps=steps)
+    assert torch.allclose(got.values, want, atol=2e-5), (got.values - want).abs().max()
+    assert not torch.allclose(got.values, eap(model, graph, BATCH).values, atol=1e-3)  # the interpolation matters

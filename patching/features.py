@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from patching import units
 from patching.ablation import bos_token_id, mean_weights
 from patching.basis import Basis
 from patching.batch import TaskBatch
@@ -44,13 +45,13 @@ FEATURE_KINDS = ("feature", "error", "logits")
 
 
 def hook_short(hook: str) -> str:
-    """``blocks.3.hook_resid_pre`` -> ``3.resid_pre`` (the same rule as ``explainers.units.hook_short``, which
-    ``patching`` may not import; tests/test_feature_graph.py checks they agree)."""
+    """``blocks.3.hook_resid_pre`` -> ``3.resid_pre``: :func:`patching.units.hook_short` (the one rule, which
+    ``explainers.units`` re-exports) for block hooks only (features live in blocks)."""
     parts = hook.split(".")
     if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or not parts[-1].startswith("hook_") \
             or parts[-1] == "hook_":
         raise ValueError(f"{hook!r} is not a block hook (blocks.<layer>....hook_<name>): features live in blocks")
-    return ".".join([*parts[1:-1], parts[-1][len("hook_"):]])
+    return units.hook_short(hook)
 
 
 def hook_layer(hook: str) -> int:

@@ -26,9 +26,9 @@ class                  units                                   write
 
 The feature-circuit engine (:mod:`patching.features`) runs on :class:`FeatureFamily` / :class:`ErrorFamily`
 (one :class:`SpliceSite` per spliced hook). The head / MLP engine's sender groups (``wiring.SenderGroup``) carry
-their family (:func:`group_family`) and delegate to it the engine's *unit form* (``units`` / ``from_units``:
-``[N, P, n, f]``) and the residual write (``out_units``). What still switches on kind strings is listed in
-docs/features.md.
+their family (made by their unit kind, :mod:`patching.kinds`) and delegate to it the engine's *unit form*
+(``units`` / ``from_units``: ``[N, P, n, f]``) and the residual write (``out_units``). docs/features.md says what
+adding a kind of unit takes.
 """
 
 from __future__ import annotations
@@ -137,6 +137,10 @@ class NeuronFamily:
     W_out: Tensor | None  # [n, d_model] (None: the engine's groups, which never write through it)
     kind: str = "neuron"
 
+    @classmethod
+    def for_group(cls, kind: str, hook: str, *, W_O: Tensor | None = None, in_hook: str | None = None) -> NeuronFamily:
+        return cls(hook, None)
+
     @property
     def n(self) -> int:
         return int(self.W_out.shape[0])
@@ -169,6 +173,10 @@ class HeadFamily:
     hook: str
     W_O: Tensor  # [H, d_head, d_model]
     kind: str = "head"
+
+    @classmethod
+    def for_group(cls, kind: str, hook: str, *, W_O: Tensor | None = None, in_hook: str | None = None) -> HeadFamily:
+        return cls(hook, W_O)
 
     @property
     def n(self) -> int:
@@ -205,6 +213,10 @@ class MLPFamily:
 
     hook: str
     kind: str = "mlp"
+
+    @classmethod
+    def for_group(cls, kind: str, hook: str, *, W_O: Tensor | None = None, in_hook: str | None = None) -> MLPFamily:
+        return cls(hook, kind=kind)
 
     @property
     def n(self) -> int:
@@ -245,6 +257,10 @@ class BlockFamily:
     in_hook: str = ""
     kind: str = "block"
 
+    @classmethod
+    def for_group(cls, kind: str, hook: str, *, W_O: Tensor | None = None, in_hook: str | None = None) -> BlockFamily:
+        return cls(hook, in_hook or "")
+
     @property
     def n(self) -> int:
         return 1
@@ -277,16 +293,12 @@ GROUP_FAMILIES: dict[str, type] = {"embed": EmbedFamily, "pos_embed": EmbedFamil
 
 
 def group_family(kind: str, hook: str, *, W_O: Tensor | None = None, in_hook: str | None = None) -> Any:
-    """The family object of one engine sender group (its ``units`` / ``from_units`` / ``out_units``)."""
+    """The family object of one engine sender group of a built-in kind (its ``units`` / ``from_units`` /
+    ``out_units``). The engine's groups get theirs from their unit kind (``patching/kinds.py``,
+    ``UnitKind.sender``); this is the fallback for a ``SenderGroup`` made by hand."""
     if kind not in GROUP_FAMILIES:
         raise ValueError(f"unknown sender kind {kind!r}; one of {sorted(GROUP_FAMILIES)}")
-    if kind == "heads":
-        return HeadFamily(hook, W_O)
-    if kind == "neurons":
-        return NeuronFamily(hook, None)
-    if kind == "block":
-        return BlockFamily(hook, in_hook or "")
-    return GROUP_FAMILIES[kind](hook, kind=kind)
+    return GROUP_FAMILIES[kind].for_group(kind, hook, W_O=W_O, in_hook=in_hook)
 
 __all__ = ["SenderFamily", "FeatureFamily", "ErrorFamily", "SpliceSite", "NeuronFamily", "HeadFamily",
            "MLPFamily", "EmbedFamily", "BlockFamily", "FAMILIES", "GROUP_FAMILIES", "group_family"]

@@ -1,6 +1,8 @@
 """The component graph of a TransformerBridge: the units the engine ablates and the edges between them.
 
-Nodes (ids as in docs/architecture.md):
+Every node kind is a registered class (:mod:`patching.kinds`): it lists its nodes, ids and hooks and says which
+stage of a layer it writes in; :func:`build_graph` only asks the kinds. The built-in kinds give these nodes
+(ids as in docs/architecture.md):
 
 * ``embed`` (``hook_embed``) and ``pos_embed`` (``hook_pos_embed``, only when the model has learned
   absolute positions);
@@ -13,6 +15,8 @@ Nodes (ids as in docs/architecture.md):
 * optionally every neuron ``m{L}.n{I}`` (``blocks.L.mlp.hook_post``): node-level only, never an edge
   end point;
 * ``logits`` (input ``ln_final.hook_in``), the sink.
+
+Registered kinds with ``default = False`` join when named: ``from_model(model, kinds=(...), without=(...))``.
 
 Edges (auto-circuit's residual graph, Miller et al. 2024): every sender -> receiver pair the
 residual stream allows. Sender order is the residual order (``embed``, ``pos_embed``, layer 0 heads,

@@ -20,6 +20,17 @@ mask[:, edge(r, up)] @ Dc[:U_r]`` to its input; the senders a receiver reads are
 order, so ``A_r`` / ``U_r`` are prefixes of the column lists. Where the last MLP and the unembedding run at
 the prediction positions only, the hooks take the differences at those positions. Nothing loops over edges.
 
+Sparse circuits (the complement form). A circuit keeps few edges: a mask over a 120-thousand-edge graph that
+keeps 2,000 ablates 118,000, and the sum above runs over every sender. Because the residual stream is the sum
+of its senders' writes (plus constants), the same input is also ``R_r - sum_{kept e} (ablated_s - current_s)``,
+where ``R_r`` is the receiver's input with every edge into it ablated, computed once per prompt batch from the
+clean residual stream at the receiver (captured on the clean forward) and the clean sender differences
+(``R_r = clean_r + sum_{s < prefix_r} (ablated_s - clean_s)``). Per chunk and receiver group the engine takes
+the form with fewer senders to read (``_Chunk.comp``), and each group multiplies only the columns its edges
+use. The identity holds for a residual-stream architecture; it is checked on every receiver group during the
+all-ablated run at setup (where both forms must give the same input), and a group where it does not hold, or a
+model in half precision (where ``R_r - x`` would cancel in 8-bit mantissas), keeps the direct form.
+
 Multi-GPU (``n_devices`` / ``device_map``; not exercised on the CPU-only test machines): each receiver hook
 reads buffers on its own layer's device: the masks, ``D`` and ``Dc`` exist once per device that hosts an
 active receiver, each holding the column prefix its receivers read; a sender hook copies its difference to
@@ -29,6 +40,7 @@ one buffer of each.
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +56,8 @@ from patching.patcher import DEFAULT_MAX_BYTES, Patcher
 from patching.suffix import EdgeSuffixRunner
 from patching.wiring import Hook, ReceiverGroup, SenderGroup
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Chunk:
@@ -58,6 +72,10 @@ class _Chunk:
     cut_up: list[int] = field(default_factory=list)                     # per receiver group: U_r
     recv_on: list[bool] = field(default_factory=list)
     sel: list[Any] = field(default_factory=list)  # per sender group: (units, columns c0, c1) or None
+    comp: list[Any] = field(default_factory=list)  # per receiver group: [K] bool, masks in the complement form
+    cols_live: list[Any] = field(default_factory=list)  # per receiver group: columns of D it reads (None: prefix)
+    cols_up: list[Any] = field(default_factory=list)    # per receiver group: rows of Dc it reads (None: prefix)
+    verify: bool = False                                # setup's all-ablated run: check the complement identity
 
 
 def _at_pos(t: Tensor, b: int, P: int, pos: Tensor) -> Tensor:
@@ -73,7 +91,9 @@ class EdgePatcher(Patcher):
 
     ``run(ablate [K, E])`` returns the metric per prompt ``[K, B]``; ``clean_metric`` / ``ablated_metric``
     are the runs with no / every edge ablated. ``prompt_batch``, ``max_bytes`` and ``chunk_size``: see
-    :mod:`patching.patcher`; ``mean_include_bos``: :mod:`patching.ablation`. See the module docstring.
+    :mod:`patching.patcher`; ``mean_include_bos``: :mod:`patching.ablation`; ``complement=False`` keeps the
+    direct form for every receiver (the complement form gives the same numbers to float rounding, faster on
+    sparse circuits). See the module docstring.
     """
 
     _level = "edge"
@@ -83,8 +103,9 @@ class EdgePatcher(Patcher):
                  metric: str | Metric = "logit_diff", reference: TaskBatch | None = None,
                  per_position: bool = False, chunk_size: int | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
                  qkv_path: str | None = None, suffix: bool = True, prompt_batch: int | None = None,
-                 mean_include_bos: bool = False):
+                 mean_include_bos: bool = False, complement: bool = True):
         graph.require_edges("EdgePatcher")
+        self._complement = bool(complement)
         super().__init__(model, graph, batch, ablation=ablation, metric=metric, reference=reference,
                          per_position=per_position, chunk_size=chunk_size, max_bytes=max_bytes, qkv_path=qkv_path,
                          replay=suffix, prompt_batch=prompt_batch, mean_include_bos=mean_include_bos)
@@ -99,8 +120,84 @@ class EdgePatcher(Patcher):
         for part in self.parts:
             if part.replay is not None:
                 part.runner = EdgeSuffixRunner(self, part)
-        self.ablated_metric: Float[Tensor, " B"] = self.run(torch.ones(1, graph.n_edges, dtype=torch.bool))[0]
+        # complement form (module docstring): verified per receiver group on the all-ablated run below
+        self._comp_ok: list[bool | None] = [None if self._comp_dtype() else False] * len(w.receivers)
+        self._verifying = True
+        try:
+            self.ablated_metric: Float[Tensor, " B"] = self.run(torch.ones(1, graph.n_edges, dtype=torch.bool))[0]
+        finally:
+            self._verifying = False
+        self._comp_ok = [bool(ok) for ok in self._comp_ok]
+        for part in self.parts:
+            part.points.clear()
+            if not any(self._comp_ok):
+                part.cache.pop("full", None)
         self.ablations = 0
+
+    # ---- the complement form --------------------------------------------------------------------------
+    def _comp_dtype(self) -> bool:
+        return self._complement and self.wiring.dtype in (torch.float32, torch.float64)
+
+    @staticmethod
+    def _point(r: ReceiverGroup) -> Any:
+        """Which residual stream a receiver group reads: attention inputs of a layer share one."""
+        return r.hook if r.mode == "resid" else ("attn", r.layer)
+
+    def _clean_hooks(self, points: dict[Any, Tensor]) -> list[Hook]:
+        """On the clean forward: the residual stream at every receiver group's input (``[b, P, d]``)."""
+        if not self._comp_dtype() or not self.graph.n_edges:
+            return []
+        hooks: list[Hook] = []
+        for r in self.wiring.receivers:
+            key = self._point(r)
+            if any(k == key for k in points) or any(h[0] == key for h in hooks):
+                continue
+            if r.mode == "projected":
+                name = r.ln_hook
+            else:
+                name = r.hook
+
+            def keep(x: Tensor, hook: Any, _k: Any = key, _split: bool = r.mode == "split") -> None:
+                if _k not in points:
+                    points[_k] = (x[:, :, 0] if _split else x).detach().clone()
+            hooks.append((name, keep))
+        return hooks
+
+    def _full_inputs(self, part: Any) -> list[Tensor]:
+        """Per receiver group, its input with every edge into it ablated (``R_r``, ``[b, P, d]``), built once
+        per prompt batch from the clean residual stream and the clean sender differences."""
+        if "full" in part.cache:
+            return part.cache["full"]
+        w = self.wiring
+        b, P, d = part.B, part.P, w.d_model
+        prefixes = sorted({r.prefix for r in w.receivers})
+        cum: dict[int, Tensor] = {}
+        run = torch.zeros(b, P, d, dtype=w.dtype, device=w.device)
+        j = 0
+        for g in sorted((g for g in w.senders if g.s0 is not None), key=lambda g: g.s0):
+            while j < len(prefixes) and prefixes[j] <= g.s0:
+                cum[prefixes[j]] = run.clone()
+                j += 1
+            for u0 in range(0, g.s1 - g.s0, 64):  # bounded memory for wide groups (neurons)
+                units = torch.arange(u0, min(u0 + 64, g.s1 - g.s0), device=g.device)
+                diff = (g.out(part.abl_units[g.key], units) - g.out(part.clean_units[g.key], units))
+                while j < len(prefixes) and prefixes[j] < g.s0 + int(units[-1]) + 1:  # a prefix inside the group
+                    inside = prefixes[j] - g.s0 - u0
+                    cum[prefixes[j]] = run + diff[:, :, :inside].sum(2).to(run.device)
+                    j += 1
+                run = run + diff.sum(2).to(run.device)
+        while j < len(prefixes):
+            cum[prefixes[j]] = run
+            j += 1
+        shared: dict[Any, Tensor] = {}
+        full = []
+        for r in w.receivers:
+            key = (self._point(r), r.prefix)
+            if key not in shared:
+                shared[key] = (part.points[self._point(r)].to(run.device) + cum[r.prefix]).to(r.device)
+            full.append(shared[key])
+        part.cache["full"] = full
+        return full
 
     # ---- planning -----------------------------------------------------------------------------------
     def _rerun(self, stage: int) -> Tensor:
@@ -123,14 +220,53 @@ class EdgePatcher(Patcher):
         st, w, part = self._st, self.wiring, self._st.part
         K, b, P, d = mask.shape[0], part.B, part.P, w.d_model
         c = _Chunk()
-        used = self._sender_use(mask).any(0)
+        c.verify = self._verifying
+        active = mask.any(0)
+        c.recv_on = [bool(active[r.edge_idx.to(active.device)].any()) for r in w.receivers]
+        # per receiver group: the direct form reads the senders of its ablated edges, the complement form those
+        # of its kept edges (module docstring); take the one with fewer, where the complement is verified
+        eff = mask
+        reads: list[Tensor | None] = []
+        for r in w.receivers:
+            if not c.recv_on[r.i]:
+                c.comp.append(None)
+                reads.append(None)
+                continue
+            idx = r.edge_idx.to(mask.device)
+            sub = mask[:, idx]                                                          # [K, R, prefix]
+            comp = None
+            if self._comp_ok[r.i] and not c.verify:  # per mask, so a mask's numbers do not depend on its chunk
+                k = (~sub).any(1).sum(-1) + 1 < sub.any(1).sum(-1)                    # [K]
+                if bool(k.any()):
+                    if eff is mask:
+                        eff = mask.clone()
+                    sel = eff[:, idx]
+                    sel[k] = ~sub[k]
+                    eff[:, idx] = sel
+                    comp = k.to(r.device)
+            c.comp.append(comp)
+            reads.append((eff[:, idx] if comp is not None else sub).any(0).any(0))
+        used = self._sender_use(eff).any(0)
         rerun = self._rerun(stage)
         live = (used & rerun).nonzero()[:, 0].tolist()
         up = (used & ~rerun).nonzero()[:, 0].tolist()
-        active = mask.any(0)
-        c.recv_on = [bool(active[r.edge_idx.to(active.device)].any()) for r in w.receivers]
         c.cut_live = [bisect_left(live, r.prefix) for r in w.receivers]
         c.cut_up = [bisect_left(up, r.prefix) for r in w.receivers]
+        live_t = torch.tensor(live, dtype=torch.long, device=mask.device)
+        up_t = torch.tensor(up, dtype=torch.long, device=mask.device)
+        for r in w.receivers:  # explicit columns where a group reads clearly fewer than its prefix of the list
+            cl = cu = None
+            if reads[r.i] is not None:
+                a, u = c.cut_live[r.i], c.cut_up[r.i]
+                cols = reads[r.i][live_t[:a]].nonzero()[:, 0]
+                if 4 * len(cols) <= 3 * a:
+                    cl = cols.to(r.device)
+                cols = reads[r.i][up_t[:u]].nonzero()[:, 0]
+                if 4 * len(cols) <= 3 * u:
+                    cu = cols.to(r.device)
+            c.cols_live.append(cl)
+            c.cols_up.append(cu)
+        mask = eff
         need_live: dict[torch.device, int] = {}
         need_up: dict[torch.device, int] = {}
         for r in w.receivers:
@@ -160,6 +296,19 @@ class EdgePatcher(Patcher):
                     if u0 < n:
                         c.Dc[dev][u0:min(u1, n)] = diff[:min(u1, n) - u0].to(dev)
         st.edge = c
+
+    def _check_full(self, r: ReceiverGroup, base: Tensor, add: Tensor | None) -> None:
+        """Setup's all-ablated run: the direct form's change ``add`` must equal ``R_r - x`` (``base``)."""
+        if self._comp_ok[r.i] is False:
+            return
+        want = base[:, 0].float()
+        got = torch.zeros_like(want) if add is None else add[:, 0].float()
+        scale = float(self._full_inputs(self._st.part)[r.i].abs().max()) or 1.0
+        ok = float((got - want).abs().max()) <= 1e-4 * scale + 1e-5
+        if not ok:
+            log.info("edge patcher: receiver group %s: its input is not the sum of its senders' writes; it keeps "
+                     "the direct form", r.key)
+        self._comp_ok[r.i] = ok if self._comp_ok[r.i] is None else bool(self._comp_ok[r.i]) and ok
 
     # ---- hooks --------------------------------------------------------------------------------------
     def _build_hooks(self) -> list[Hook]:
@@ -208,20 +357,37 @@ class EdgePatcher(Patcher):
                 dev, K = r.device, st.K
                 a, u = c.cut_live[r.i], c.cut_up[r.i]
                 at_pos = x.shape[1] != st.P
-                Mf = c.Mf[dev]
+                Mf = c.Mf.get(dev)
                 add = None
-                if a:
-                    D = c.D[dev][:, :a]
+                cl, cu = c.cols_live[r.i], c.cols_up[r.i]
+                if a and (cl is None or len(cl)):
+                    D = c.D[dev][:, :a] if cl is None else c.D[dev][:, cl]  # cl < a: no slice first (a copy)
+                    idx = c.live[dev][:a] if cl is None else c.live[dev][cl]
                     if at_pos:
                         D = _at_pos(D, st.B, st.P, st.pos)
-                    add = torch.bmm(Mf[:, r.edge_idx[:, c.live[dev][:a]]], D)                  # [K, R, b*Q*d]
-                if u:
-                    Dc = c.Dc[dev][:u]
+                    add = torch.bmm(Mf[:, r.edge_idx[:, idx]], D)                               # [K, R, b*Q*d]
+                if u and (cu is None or len(cu)):
+                    Dc = c.Dc[dev][:u] if cu is None else c.Dc[dev][cu]
+                    idx = c.up[dev][:u] if cu is None else c.up[dev][cu]
                     if at_pos:
                         Dc = _at_pos(Dc, st.B, st.P, st.pos)
-                    Mu = Mf[:, r.edge_idx[:, c.up[dev][:u]]]                                   # [K, R, U_r]
-                    cu = (Mu.reshape(K * r.R, u) @ Dc).view(K, r.R, -1)
-                    add = cu if add is None else add + cu
+                    Mu = Mf[:, r.edge_idx[:, idx]]                                             # [K, R, U_r]
+                    up = (Mu.reshape(K * r.R, len(idx)) @ Dc).view(K, r.R, -1)
+                    add = up if add is None else add + up
+                comp = c.comp[r.i]
+                if comp is not None or (c.verify and self._comp_ok[r.i] is not False):
+                    resid = (x[:, :, 0] if r.mode == "split" else st.scratch[r.ln_hook] if r.mode == "projected"
+                             else x)                                                           # [N, Q, d]
+                    full = self._full_inputs(st.part)[r.i]
+                    if at_pos:
+                        full = full[torch.arange(st.B, device=full.device), st.pos.to(full.device)].unsqueeze(1)
+                    base = (full.unsqueeze(0) - resid.reshape(K, st.B, -1, w.d_model)).reshape(K, 1, -1)
+                    if c.verify:  # the direct form's input must equal R_r when every edge is ablated
+                        self._check_full(r, base, add)
+                    else:  # complement rows: R_r - x minus the kept edges' differences
+                        comp = comp.view(K, 1, 1)
+                        add = (torch.where(comp, base, 0.0).expand(K, r.R, base.shape[-1]) if add is None
+                               else torch.where(comp, base - add, add))
                 if add is None:
                     return None
                 return r.apply(x, add.view(K, r.R, -1, w.d_model), st.scratch.get(r.ln_hook) if r.ln_hook else None)

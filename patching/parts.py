@@ -35,6 +35,9 @@ class Part:
     runner: Any = None
     metric_fn: Metric | None = None
     clean_metric: Float[Tensor, " b"] | None = None
+    points: dict[Any, Tensor] = field(default_factory=dict)  # subclass captures on the clean forward (edges: the
+    #                                                          residual stream at each receiver input)
+    cache: dict[Any, Any] = field(default_factory=dict)      # what a patcher derives from them, per prompt batch
 
     @property
     def B(self) -> int:

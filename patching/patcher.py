@@ -34,7 +34,7 @@ from patching.memory import MemoryModel, fmt_bytes
 from patching.metrics import Metric, gather_pos, get_metric
 from patching.parts import Part, check_prompt_batch, prompt_slices
 from patching.replay import Replay
-from patching.wiring import Hook, Wiring, prepared
+from patching.wiring import Hook, Wiring, forward_logits, prepared
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +112,13 @@ class Patcher:
             for rows in prompt_slices(self.B, self.prompt_batch):
                 sub = trimmed(self.batch[rows])
                 rp = Replay(model, len(sub)) if replay else None
+                units: dict[str, Tensor] = {}
+                points: dict[Any, Tensor] = {}
                 with rp.recording() if rp is not None else nullcontext():
-                    logits, units = self.wiring.capture(sub.clean, sub.pos)
+                    hooks = self.wiring.capture_hooks(units, {}) + self._clean_hooks(points)
+                    logits = forward_logits(model, graph.meta, sub.clean, hooks, pos=sub.pos)
                 self.forward_passes += 1
-                part = Part(rows, sub, logits, units, replay=rp)
+                part = Part(rows, sub, logits, units, replay=rp, points=points)
                 if rp is not None and not self.parts:
                     rp.verify(part.clean_logits, sub.pos)
                 elif rp is not None:  # the same calls on other prompts: the first batch's verdict holds
@@ -207,6 +210,11 @@ class Patcher:
             raise ValueError(f"{type(self).__name__}.run: ablate must be a bool tensor [K, {n}] over {what}, "
                              f"got {shape}")
         return ablate.to(device=self.wiring.device, dtype=torch.bool)
+
+    def _clean_hooks(self, points: dict[Any, Tensor]) -> list[Hook]:
+        """Extra hooks on each prompt batch's clean forward, storing what a subclass needs in ``points``
+        (kept as ``Part.points``)."""
+        return []
 
     def _set_chunk(self, mask: Tensor, stage: int) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

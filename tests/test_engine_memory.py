@@ -94,7 +94,7 @@ def test_sender_differences_are_held_sparsely():
     m = llama_bridge(n_layers=3, d_model=64, n_heads=4)
     g = ComponentGraph.from_model(m)
     batch = random_batch(B=8, P=12)
-    p = EdgePatcher(m, g, batch, prompt_batch=8)
+    p = EdgePatcher(m, g, batch, prompt_batch=8, complement=False)  # the direct form (complement: below)
     part = p.parts[0]
     p._use(part)
     cols = torch.tensor(g.incoming("a2.h1", "k"))
@@ -112,6 +112,16 @@ def test_sender_differences_are_held_sparsely():
     c = p._st.edge
     assert c.D[dev].shape[:2] == (3, len(g.senders) - 1) and c.Dc[dev].shape[0] == 1  # embed: never re-run
     p._reset()
+    # the complement form: masks that keep nothing read no sender difference at all (R_r only)
+    pc = EdgePatcher(m, g, batch, prompt_batch=8)
+    pc._use(pc.parts[0])
+    pc._st.K = 3
+    pc._set_chunk(dense, 0)
+    c = pc._st.edge
+    assert all((c.comp[r.i] is not None and bool(c.comp[r.i].all())) == (r.prefix > 1)  # one sender: no gain
+               for r in pc.wiring.receivers)
+    assert c.D[dev].shape[:2] == (3, 0) and c.Dc[dev].shape[0] == 1  # only the embedding, for layer 0
+    pc._reset()
     budget = 3 << 20
     q = EdgePatcher(m, g, batch, max_bytes=budget, prompt_batch=8)
     q._use(q.parts[0])

@@ -230,3 +230,18 @@ def test_cli_greedy(tmp_path, capsys):
     G = load(out)
     assert s["method"] == "greedy" and s["faithfulness"] >= 0.7 and s["edges"] == len(edge_ids(G))
     assert json.loads(G.graph["config"])["faithfulness_target"] == 0.7
+
+
+def test_warns_before_a_step_that_will_take_long(caplog):
+    """The cost warning is computed from one measured mask: |C0| masks per step against the limit."""
+    from circuits.algorithms.greedy import _warn_cost
+
+    m = Additive([1.0] * 100)
+    with caplog.at_level("WARNING", logger="circuits.algorithms.greedy"):
+        _warn_cost(m, None, torch.ones(100, dtype=torch.bool), limit_s=0.0)
+    assert "each elimination step measures up to 100 masks" in caplog.text and m.calls == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="circuits.algorithms.greedy"):
+        _warn_cost(m, None, torch.ones(100, dtype=torch.bool), limit_s=1e6)       # fast enough: silent
+        _warn_cost(m, None, torch.ones(100, dtype=torch.bool)[:50], limit_s=0.0)  # small start: not measured
+    assert caplog.text == "" and m.calls == 2

@@ -69,10 +69,14 @@ class _Measure:
         patcher_faithfulness(patcher, self.full)  # FaithfulnessUndefined (one line) before any search
         self.device = patcher.clean_metric.device
 
-    def metric(self, kept: Bool[Tensor, "K E"]) -> Float[Tensor, " K"]:
+    def metric(self, kept: Bool[Tensor, "K E"], bar: Any = None) -> Float[Tensor, " K"]:
+        """Mean metric of each kept-edge mask; ``bar`` (a tqdm) advances by the masks measured."""
         step = max(1, int(getattr(self.patcher, "chunk_size", 0) or len(kept)))
-        out = [self.patcher.run(~kept[i:i + step].to(self.device)).double().mean(-1).cpu()
-               for i in range(0, len(kept), step)]
+        out = []
+        for i in range(0, len(kept), step):
+            out.append(self.patcher.run(~kept[i:i + step].to(self.device)).double().mean(-1).cpu())
+            if bar is not None:
+                bar.update(len(out[-1]))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
     def faithfulness(self, values: Float[Tensor, " K"]) -> Float[Tensor, " K"]:
@@ -137,6 +141,7 @@ def greedy(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> Disco
     else:
         kept = conn(torch.ones(1, n, dtype=torch.bool))[0]
     start = kept.clone()
+    _warn_cost(measure, conn, kept)
     kept, effect, step, run_stats = eliminate(measure, conn, kept, config.faithfulness_target,
                                               progress=config.progress, to_empty=config.full_ranking,
                                               multi=config.multi_removal)
@@ -157,6 +162,21 @@ def greedy(model: Any, graph: Any, batch: Any, config: DiscoveryConfig) -> Disco
     return DiscoveryResult(scores=scores, kept=kept, level="edge", method="greedy", forward_passes=fp,
                            ablations=ab, seconds=seconds, stats=stats, ranking=ranking,
                            ranking_kind="removal-order")
+
+
+def _warn_cost(measure: _Measure, conn: Connectivity, kept: Bool[Tensor, " E"], limit_s: float = 600.0) -> None:
+    """Warn, before the search, when one elimination step (``|C0|`` masks) will take longer than ``limit_s``,
+    from the time of one measured mask."""
+    n = int(kept.sum())
+    if n < 64:
+        return
+    t0 = time.perf_counter()
+    measure.metric(kept[None])
+    per = time.perf_counter() - t0
+    if n * per > limit_s:
+        log.warning("greedy: the start circuit has %d edges, so each elimination step measures up to %d masks: "
+                    "about %.0f min for the first step at %.2f s per mask here; a smaller --warm-start (with a "
+                    "lower --target) or fewer prompts shortens it", n, n, n * per / 60, per)
 
 
 def eliminate(measure: _Measure, conn: Connectivity, kept: Bool[Tensor, " E"], target: float, *,
@@ -192,7 +212,10 @@ def eliminate(measure: _Measure, conn: Connectivity, kept: Bool[Tensor, " E"], t
             cands[torch.arange(len(edges)), edges] = False
             cands = conn(cands)
             uniq, inverse = torch.unique(cands, dim=0, return_inverse=True)
-            values = measure.metric(uniq)[inverse]                       # [C] metric of each candidate
+            with tqdm(total=len(uniq), desc=f"greedy step {steps + 1}: {len(edges)} edges", unit="mask",
+                      disable=not progress, leave=False, dynamic_ncols=True) as inner:  # a step's own ETA
+                values = (measure.metric(uniq, inner) if isinstance(measure, _Measure)  # any measure works;
+                          else measure.metric(uniq))[inverse]            # [C] metric of each candidate
             faith = measure.faithfulness(values)
             sizes = cands.sum(1)
             # best first: highest f, then fewer edges left, then the lower removed-edge index

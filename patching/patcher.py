@@ -238,12 +238,15 @@ class Patcher:
     def _run_part(self, part: Part, ablate: Tensor) -> Float[Tensor, "K b V"]:
         self._use(part)
         K = ablate.shape[0]
-        out = part.clean_logits.float().unsqueeze(0).repeat(K, 1, 1)  # masks that ablate nothing
+        base = part.cache.get("base")  # (ablate [U], logits [b, V], ...): EdgePatcher.based_on
+        ref = part.clean_logits if base is None else base[1]
+        out = ref.float().unsqueeze(0).repeat(K, 1, 1)  # masks that ablate nothing (or exactly the base)
         if part.runner is not None:
             start = part.runner.start(ablate)
             none = part.runner.none
         else:
-            start = torch.where(ablate.any(1), -1, 0)
+            differs = ablate.any(1) if base is None else (ablate != base[0].to(ablate.device)).any(1)
+            start = torch.where(differs, -1, 0)
             none = 0
         for s in sorted(set(start.tolist()) - {none}):
             idx = (start == s).nonzero()[:, 0]

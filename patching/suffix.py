@@ -190,7 +190,10 @@ class EdgeSuffixRunner:
     MLP and ``2 n_layers`` for the logits. A chunk of masks whose first stage is ``s`` starts from the clean
     residual stream entering that stage (block ``L``'s input, its ``mid`` or the last block's output), on
     ``K * B`` rows; senders upstream of ``s`` are not re-run (their difference is the clean one, which the
-    patcher supplies once per chunk). Later senders and every receiver work through the usual hooks. The last
+    patcher supplies once per chunk). With a base mask (:meth:`~patching.exact.EdgePatcher.based_on`) the stage
+    is the first one where a mask differs from the base, and the run starts from the base run's residual stream
+    there (its upstream senders' differences are then against the base run). Later senders and every receiver
+    work through the usual hooks. The last
     block's MLP (when its stages replay) and the unembedding run at the prediction positions only; the MLP and
     logits receivers then read the sender differences there.
     """
@@ -207,10 +210,13 @@ class EdgeSuffixRunner:
         self.edge_stage = stage
         self.stage_ok = [replay.usable_from(s // 2) and (s % 2 == 0 or replay.staged[s // 2])
                          for s in range(2 * n)] + [replay.logits_ok]
+        self.base: tuple[Tensor, Any] | None = None  # (ablate [E], the base run's recording): EdgePatcher.based_on
 
     def start(self, ablate: Bool[Tensor, "K E"]) -> Tensor:
         """First receiver stage each mask touches (``none``: no edge; ``-1``: a whole forward)."""
         big = torch.full_like(self.edge_stage, self.none)
+        if self.base is not None:  # relative to a base mask: the first stage where the mask differs from it
+            ablate = ablate ^ self.base[0].to(ablate.device).unsqueeze(0)
         first = torch.where(ablate, self.edge_stage.unsqueeze(0), big.unsqueeze(0)).min(-1).values
         ok = torch.tensor([s == self.none or (s >= 0 and self.stage_ok[s]) for s in first.tolist()],
                           dtype=torch.bool, device=first.device)
@@ -230,14 +236,15 @@ class EdgeSuffixRunner:
     def run(self, s: int, masks: Tensor) -> Float[Tensor, "N V"]:
         """Logits at the prediction positions, ``[K * B, V]``, for masks whose first stage is ``s``."""
         rp, n, K = self.rp, self.rp.n_layers, masks.shape[0]
+        src = rp if self.base is None else self.base[1]  # the residual stream the stage starts from
         if s == 2 * n:
-            return self._logits_from(_tile(rp.post(n - 1), K), n, K)
+            return self._logits_from(_tile(src.post(n - 1), K), n, K)
         L = s // 2
         if s % 2 == 0:
-            return self._logits_from(_tile(rp.pre(L), K), L, K)
+            return self._logits_from(_tile(src.pre(L), K), L, K)
         if L == n - 1:  # the last MLP: at the prediction positions only
-            return rp.logits(rp.mlp_stage(L, rp.gather(_tile(rp.mid(L), K), self.pos), K))[:, 0]
-        return self._logits_from(rp.mlp_stage(L, _tile(rp.mid(L), K), K), L + 1, K)
+            return rp.logits(rp.mlp_stage(L, rp.gather(_tile(src.mid(L), K), self.pos), K))[:, 0]
+        return self._logits_from(rp.mlp_stage(L, _tile(src.mid(L), K), K), L + 1, K)
 
 
 __all__ = ["SuffixRunner", "EdgeSuffixRunner"]

@@ -60,6 +60,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ DEFAULT_TAU = 0.01
 CPU_CALL_OVERHEAD = 0.5   # cost of an engine call in masks (measured on ioi-2l: ~18 ms per call, ~35 per mask)
 GPU_CALL_OVERHEAD = 20.0
 CHECKPOINT_VERSION = 4
+BASE_MIN_MASKS = 3  # rounds of at least this many trials run relative to the current graph (EdgePatcher.based_on)
 SAVE_EVERY = 2.0  # seconds between checkpoint writes (and one when the run stops, even by Ctrl-C)
 
 
@@ -215,7 +217,11 @@ def run_acdc(patcher: Any, graph: Any, config: DiscoveryConfig, *, fingerprint: 
                 steps, masks = _plan(state, receivers, guess, config.window, overhead, live, pre)
                 values: list[float] = []
                 if masks:
-                    values = patcher.run(torch.stack(masks).to(device)).double().mean(-1).cpu().tolist()
+                    # a round's trials differ from the current graph at the receivers visited: relative to it
+                    # (one base forward), each trial re-runs only from its first changed receiver
+                    based = len(masks) >= BASE_MIN_MASKS and hasattr(patcher, "based_on")
+                    with patcher.based_on(state.removed.to(device)) if based else nullcontext():
+                        values = patcher.run(torch.stack(masks).to(device)).double().mean(-1).cpu().tolist()
                     state.rounds += 1
                 consistent = False
                 bar.update(_walk(state, receivers, steps, values, guess, tau, use_abs, pre))

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -78,6 +79,10 @@ class _Measure:
             if bar is not None:
                 bar.update(len(out[-1]))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def based(self, kept: Bool[Tensor, " E"]) -> Any:
+        """Measure relative to the circuit ``kept`` (each candidate re-runs from its first changed receiver)."""
+        return self.patcher.based_on(~kept.to(self.device))
 
     def faithfulness(self, values: Float[Tensor, " K"]) -> Float[Tensor, " K"]:
         from patching.faithfulness import patcher_faithfulness
@@ -212,7 +217,8 @@ def eliminate(measure: _Measure, conn: Connectivity, kept: Bool[Tensor, " E"], t
             cands[torch.arange(len(edges)), edges] = False
             cands = conn(cands)
             uniq, inverse = torch.unique(cands, dim=0, return_inverse=True)
-            with tqdm(total=len(uniq), desc=f"greedy step {steps + 1}: {len(edges)} edges", unit="mask",
+            based = measure.based(kept) if hasattr(measure, "based") and len(uniq) > 2 else nullcontext()
+            with based, tqdm(total=len(uniq), desc=f"greedy step {steps + 1}: {len(edges)} edges", unit="mask",
                       disable=not progress, leave=False, dynamic_ncols=True) as inner:  # a step's own ETA
                 values = (measure.metric(uniq, inner) if isinstance(measure, _Measure)  # any measure works;
                           else measure.metric(uniq))[inverse]            # [C] metric of each candidate

@@ -9,7 +9,10 @@ Node ids (the engine's component ids): ``embed``, ``pos_embed``, ``a{L}.h{H}`` (
 that hook; the older ``f{L}.{I}`` without a site is still read), ``err@{hook-short}`` (the reconstruction
 error of that SAE: everything it misses), ``b{L}`` (whole block), ``logits``. ``hook-short`` is the hook
 without ``blocks.`` and the ``hook_`` of its last part (``blocks.1.hook_resid_post`` -> ``1.resid_post``;
-``explainers/units.py``); its layer must be the node's.
+``explainers/units.py``); its layer must be the node's. More kinds are added with
+:func:`register_node_kind` (their id pattern, attributes, input or not, attention or MLP stage);
+:mod:`circuits.convert` registers every unit kind of the engine (:data:`patching.kinds.KINDS`) there, so a
+kind defined in one class of the engine needs no edit here.
 
 Node attributes: ``kind``, ``layer`` (``-1`` for ``embed``/``pos_embed``; absent or after the last
 layer for ``logits``), ``head`` (attention heads), ``index`` (neurons, features), ``hook`` (the
@@ -38,6 +41,8 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,23 +50,98 @@ from typing import Any, NamedTuple
 
 import networkx as nx
 
-KINDS = ("embed", "pos_embed", "attn_head", "mlp", "neuron", "feature", "error", "block", "logits")
 SITE_KINDS = ("feature", "error")  # units of a spliced SAE site: may connect within one layer
-INPUT_KINDS = ("embed", "pos_embed")
 QKV = ("q", "k", "v")
 REQUIRED_GRAPH_ATTRS = ("model", "task", "method", "ablation", "metric", "seed", "version", "created")
 _INT_ATTRS = ("layer", "head", "index")
-_ID_PATTERNS: tuple[tuple[re.Pattern[str], str, tuple[str, ...]], ...] = (
-    (re.compile(r"embed"), "embed", ()),
-    (re.compile(r"pos_embed"), "pos_embed", ()),
-    (re.compile(r"logits"), "logits", ()),
-    (re.compile(r"a(\d+)\.h(\d+)"), "attn_head", ("layer", "head")),
-    (re.compile(r"m(\d+)"), "mlp", ("layer",)),
-    (re.compile(r"m(\d+)\.n(\d+)"), "neuron", ("layer", "index")),
-    (re.compile(r"f(\d+)\.(\d+)(?:@(?:\1)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?"), "feature", ("layer", "index")),
-    (re.compile(r"err@(\d+)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"), "error", ("layer",)),
-    (re.compile(r"b(\d+)"), "block", ("layer",)),
-)
+
+
+@dataclass(frozen=True)
+class NodeKind:
+    """One kind of circuit node as the schema knows it (:func:`register_node_kind`): its ids (``pattern``, a
+    full-match regex whose groups give the int attributes ``fields``), whether it is a model input (before
+    layer 0, ``layer = -1``; receives nothing) and its ``stage`` in its layer (0: the attention stage, read
+    by the layer's MLP stage; 1: the MLP stage). ``logits`` is the one sink (after every layer)."""
+
+    name: str
+    pattern: str
+    fields: tuple[str, ...] = ()
+    is_input: bool = False
+    stage: int = 1
+    regex: re.Pattern[str] = dataclass_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern))
+
+
+#: Node kinds by name, in registration order (the built-in ones first; :func:`register_node_kind` adds more).
+_NODE_KINDS: dict[str, NodeKind] = {}
+#: Kind names in drawing order within a column (:func:`positions`); grows with :func:`register_node_kind`.
+KINDS: tuple[str, ...] = ()
+#: The model-input kinds (``embed``, ``pos_embed`` and any registered input kind).
+INPUT_KINDS: tuple[str, ...] = ()
+
+
+def register_node_kind(kind: str, pattern: str, fields: tuple[str, ...] | list[str] = (), *,
+                       is_input: bool = False, stage: int = 1) -> NodeKind:
+    """Make ``kind`` a node kind of the schema: ids fully matching the regex ``pattern`` parse as it, its
+    groups giving the int node attributes ``fields`` (of ``layer``, ``head``, ``index``, in group order).
+
+    ``is_input``: a model input (``layer = -1``, before every layer, receives no edges; ``stage`` is not used).
+    ``stage``: 0 when the kind writes in the attention stage of its layer (before the layer's MLP), 1 in the MLP
+    stage; it orders edges within a layer (:func:`validate`) and places drawing columns (:func:`draw_column`).
+    Ids are tried against the kinds in registration order, so a new pattern must not match another kind's
+    ids. Registering the same definition again does nothing; a different definition for a registered name
+    raises a one-line ``ValueError``. (:mod:`circuits.convert` registers every unit kind of the engine,
+    :data:`patching.kinds.KINDS`, so a kind defined there needs no edit here.)
+    """
+    global KINDS, INPUT_KINDS
+    if not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", kind):
+        raise ValueError(f"register_node_kind: kind must be an identifier, got {kind!r}")
+    fields = tuple(fields)
+    bad = [f for f in fields if f not in _INT_ATTRS] + (["layer"] if is_input and "layer" in fields else [])
+    if bad or len(set(fields)) != len(fields):
+        raise ValueError(f"register_node_kind {kind!r}: fields {fields} must be distinct ones of {_INT_ATTRS}"
+                         f"{' (an input has no layer of its own)' if is_input else ''}")
+    if isinstance(stage, bool) or stage not in (0, 1):
+        raise ValueError(f"register_node_kind {kind!r}: stage must be 0 (attention) or 1 (MLP), got {stage!r}")
+    try:
+        new = NodeKind(kind, pattern, fields, bool(is_input), 0 if is_input else int(stage))
+    except (re.error, TypeError) as e:
+        raise ValueError(f"register_node_kind {kind!r}: pattern {pattern!r} is not a regex ({e})") from None
+    if new.regex.groups != len(fields):
+        raise ValueError(f"register_node_kind {kind!r}: pattern {pattern!r} has {new.regex.groups} groups for "
+                         f"fields {fields}")
+    old = _NODE_KINDS.get(kind)
+    if old is not None:
+        if old != new:
+            raise ValueError(f"node kind {kind!r} is already registered as {old} (not {new})")
+        return old
+    _NODE_KINDS[kind] = new
+    KINDS = (*KINDS, kind)
+    if new.is_input:
+        INPUT_KINDS = (*INPUT_KINDS, kind)
+    return new
+
+
+def node_kind(kind: str) -> NodeKind | None:
+    """The registered :class:`NodeKind` named ``kind``, ``None`` when there is none."""
+    return _NODE_KINDS.get(kind)
+
+
+register_node_kind("embed", r"embed", is_input=True)
+register_node_kind("pos_embed", r"pos_embed", is_input=True)
+register_node_kind("logits", r"logits")
+register_node_kind("attn_head", r"a(\d+)\.h(\d+)", ("layer", "head"), stage=0)
+register_node_kind("mlp", r"m(\d+)", ("layer",))
+register_node_kind("neuron", r"m(\d+)\.n(\d+)", ("layer", "index"))
+register_node_kind("feature", r"f(\d+)\.(\d+)(?:@(?:\1)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?", ("layer", "index"))
+register_node_kind("error", r"err@(\d+)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*", ("layer",))
+register_node_kind("block", r"b(\d+)", ("layer",))
+#: The kinds built into the schema (the rest were registered).
+BUILTIN_KINDS = tuple(_NODE_KINDS)
+# drawing order of the built-in kinds (the id patterns above are tried in their own order)
+KINDS = ("embed", "pos_embed", "attn_head", "mlp", "neuron", "feature", "error", "block", "logits")
 _EDGE_ID = re.compile(r"(?P<sender>[^<>]+?)->(?P<receiver>[^<>]+?)(?:<(?P<input>[qkv])>)?")
 
 
@@ -94,17 +174,18 @@ def parse_node_id(s: str) -> dict[str, Any]:
     Raises ``ValueError`` for anything that is not a component id.
     """
     if isinstance(s, str):
-        for pattern, kind, fields in _ID_PATTERNS:
-            m = pattern.fullmatch(s)
+        for k in _NODE_KINDS.values():
+            m = k.regex.fullmatch(s)
             if m:
-                out: dict[str, Any] = {"kind": kind}
-                if kind in INPUT_KINDS:
+                out: dict[str, Any] = {"kind": k.name}
+                if k.is_input:
                     out["layer"] = -1
-                out.update({f: int(g) for f, g in zip(fields, m.groups(), strict=True)})
+                out.update({f: int(g) for f, g in zip(k.fields, m.groups(), strict=True)})
                 return out
+    more = [f"{k.name} ({k.pattern})" for k in _NODE_KINDS.values() if k.name not in BUILTIN_KINDS]
     raise ValueError(
         f"bad node id {s!r}: expected embed, pos_embed, a<L>.h<H>, m<L>, m<L>.n<I>, f<L>.<I>[@<L>.<site>], "
-        f"err@<L>.<site>, b<L> or logits"
+        f"err@<L>.<site>, b<L> or logits" + (f", or an id of a registered kind: {', '.join(more)}" if more else "")
     )
 
 
@@ -294,7 +375,7 @@ def _order_key(d: dict[str, Any]) -> tuple[float, int]:
     kind = d["kind"]
     if kind == "logits":
         return (math.inf, 0)
-    return (d.get("layer", -1), 0 if kind in ("attn_head", *INPUT_KINDS) else 1)
+    return (d.get("layer", -1), _NODE_KINDS[kind].stage)
 
 
 def validate(G: Any) -> None:
@@ -455,7 +536,7 @@ def draw_column(d: dict[str, Any], last_layer: int) -> int:
         return 0
     if kind == "logits":
         return 2 * last_layer + 3
-    return 2 * d["layer"] + (1 if kind == "attn_head" else 2)
+    return 2 * d["layer"] + (1 if _NODE_KINDS[kind].stage == 0 else 2)
 
 
 def positions(G: nx.DiGraph) -> dict[str, tuple[int, int]]:

@@ -70,6 +70,7 @@ from tqdm.auto import tqdm
 
 from circuits.algorithms.base import DIVERGENCE_METRICS, DiscoveryConfig, DiscoveryResult, register
 from circuits.algorithms.order import Receiver, acdc_receivers
+from patching.kinds import unit_kind
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def run_acdc(patcher: Any, graph: Any, config: DiscoveryConfig, *, fingerprint: 
     pre = torch.zeros(n_edges, dtype=torch.bool) if removed is None else removed.detach().cpu().clone()
 
     def live(rec: Receiver, removed: torch.Tensor) -> bool:
-        if kinds[rec.node] == "logits":
+        if unit_kind(kinds[rec.node]).is_sink:
             return True
         out = out_edges.get(rec.node)
         return out is not None and bool((~removed[out]).any())

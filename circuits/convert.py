@@ -11,20 +11,80 @@ heads are not units (never ablated): they count as in the circuit, and an MLP no
 when one of its neurons is.
 
 Feature levels (``feature``, ``feature-edge``): :func:`feature_circuit_graph`.
+
+Node kinds: every conversion first registers each unit kind of the engine (:data:`patching.kinds.KINDS`) with
+the graph schema (:func:`register_graph_kinds`), so a kind defined in one class (and registered at any time,
+e.g. inside a test) converts, validates and saves with no edit to ``graphs``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from typing import Any
 
 import networkx as nx
 
 from circuits.algorithms.base import DiscoveryResult
 from circuits.algorithms.select import nodes_touched
-from graphs.circuit import add_component, add_connection, new_circuit
+from graphs.circuit import (
+    BUILTIN_KINDS,
+    add_component,
+    add_connection,
+    new_circuit,
+    node_kind,
+    register_node_kind,
+)
+from patching.kinds import KINDS as UNIT_KINDS
+from patching.kinds import UnitKind, parse_node_id, unit_kind
 
-ENDPOINT_KINDS = ("embed", "pos_embed", "logits")
+
+def register_graph_kinds() -> None:
+    """Register every unit kind of :data:`patching.kinds.KINDS` with the graph schema
+    (:func:`graphs.circuit.register_node_kind`: its id pattern and fields, whether it is an input, its stage).
+
+    Cheap and idempotent; the conversions call it each time, so kinds registered after import count too. The
+    schema's built-in kinds keep their own (stricter) id patterns; their other facts must agree with the engine's.
+    """
+    for k in UNIT_KINDS.values():
+        stage = 0 if k.is_input or k.stage == 0 else 1
+        if k.is_sink and k.name != "logits":
+            raise ValueError(f"unit kind {k.name!r} ({type(k).__name__}) is a sink: the graph schema has one sink, "
+                             "'logits'")
+        known = node_kind(k.name) if k.name in BUILTIN_KINDS else None
+        if known is None:
+            register_node_kind(k.name, k.pattern, k.fields, is_input=k.is_input, stage=stage)
+        elif (known.fields, known.is_input, known.stage) != (tuple(k.fields), k.is_input, stage):
+            raise ValueError(f"unit kind {k.name!r} ({type(k).__name__}: fields {tuple(k.fields)}, input "
+                             f"{k.is_input}, stage {stage}) disagrees with the graph schema's {known}")
+
+
+def _endpoint(k: UnitKind) -> bool:
+    """An input or the sink: always in a circuit, never one of its units."""
+    return k.is_input or k.is_sink
+
+
+def owner_node(uid: str, nodes: Container[str] = ()) -> str:
+    """The graph node a scored unit belongs to: ``uid`` itself when it is one of ``nodes``, else the node whose id
+    it extends, read by the component-id parser (:func:`patching.kinds.parse_node_id`): the longest prefix before a
+    ``.`` that is the id of another kind in the same layer (neuron ``m3.n7`` -> MLP ``m3``); ``uid`` when none is."""
+    if uid in nodes:
+        return uid
+    own = _parse(uid)
+    for i in range(len(uid) - 1, 0, -1):
+        if uid[i] != ".":
+            continue
+        p = _parse(uid[:i])
+        if p is not None and (own is None or (p["kind"] != own["kind"] and p["layer"] == own["layer"])):
+            return uid[:i]
+    return uid
+
+
+def _parse(node_id: str) -> dict[str, Any] | None:
+    try:
+        return parse_node_id(node_id)
+    except ValueError:
+        return None
 
 
 def _finite(x: Any) -> float | None:
@@ -37,14 +97,18 @@ def node_membership(graph: Any, result: DiscoveryResult) -> dict[str, bool]:
     if result.level == "edge":
         touched = nodes_touched(graph, result.kept)
         return {n.id: bool(t) for n, t in zip(graph.nodes, touched.tolist(), strict=True)}
+    owned: dict[str, bool] = {}  # at neuron level: a node holding units (an MLP its neurons) is in when one is
+    for uid, k in kept.items() if result.level == "neuron" else ():
+        if (node := owner_node(uid)) != uid:
+            owned[node] = owned.get(node, False) or bool(k)
     out: dict[str, bool] = {}
     for n in graph.nodes:
-        if n.kind in ENDPOINT_KINDS:
+        if _endpoint(unit_kind(n.kind)):
             out[n.id] = True
         elif n.id in kept:
             out[n.id] = bool(kept[n.id])
-        elif result.level == "neuron" and n.kind == "mlp":
-            out[n.id] = any(v for k, v in kept.items() if k.startswith(f"{n.id}.n"))
+        elif n.id in owned:
+            out[n.id] = owned[n.id]
         else:
             out[n.id] = result.level == "neuron"  # heads are not units at neuron level
     return out
@@ -53,6 +117,7 @@ def node_membership(graph: Any, result: DiscoveryResult) -> dict[str, bool]:
 def to_circuit_graph(graph: Any, result: DiscoveryResult, *, model: str, task: str, ablation: str,
                      metric: str, seed: int, **graph_attrs: Any) -> nx.DiGraph:
     """A CircuitGraph of ``result`` on ``graph`` with the given provenance (``None`` attrs are dropped)."""
+    register_graph_kinds()
     values = [float(v) for v in result.scores.values.detach().cpu().tolist()]
     score = dict(zip(result.scores.ids, values, strict=True))
     kept = dict(zip(result.scores.ids, result.kept.tolist(), strict=True))
@@ -63,7 +128,7 @@ def to_circuit_graph(graph: Any, result: DiscoveryResult, *, model: str, task: s
                     **{k: v for k, v in attrs.items() if v is not None})
     node_scored = result.level != "edge"
     for n in graph.nodes:
-        layer = n.layer if n.kind != "logits" else None
+        layer = None if unit_kind(n.kind).is_sink else n.layer
         add_component(G, n.id, kind=n.kind, layer=layer, head=n.head, index=n.index, hook=n.hook or "",
                       score=_finite(score.get(n.id)) if node_scored else None, in_circuit=member[n.id])
     if result.level == "edge":
@@ -89,6 +154,7 @@ def feature_circuit_graph(fgraph: Any, scores: Any, kept: Any, nodes: Any, *, mo
     ``fgraph.edges``). Graph attributes add ``level``, ``sites`` and ``saes`` (comma-separated, forward order),
     ``max_features_per_site``, ``min_activation`` and ``n_features`` (candidates in the graph).
     """
+    register_graph_kinds()
     level = scores.level
     values = [float(v) for v in scores.values.detach().cpu().tolist()]
     in_c = [bool(v) for v in nodes.tolist()]
@@ -100,9 +166,10 @@ def feature_circuit_graph(fgraph: Any, scores: Any, kept: Any, nodes: Any, *, mo
     G = new_circuit(model=model, task=task, method=method, ablation=ablation, metric=metric, seed=seed,
                     **{k: v for k, v in attrs.items() if v is not None})
     for i, n in enumerate(fgraph.nodes):
-        score = _finite(values[i]) if level == "feature" and n.kind != "logits" else None
-        if n.kind == "logits":
-            add_component(G, n.id, kind="logits", layer=None, hook=n.hook, in_circuit=True)
+        sink = unit_kind(n.kind).is_sink
+        score = _finite(values[i]) if level == "feature" and not sink else None
+        if sink:
+            add_component(G, n.id, kind=n.kind, layer=None, hook=n.hook, in_circuit=True)
             continue
         site = fgraph.sites[n.site]
         add_component(G, n.id, kind=n.kind, layer=n.layer, index=n.index, hook=n.hook, score=score,
@@ -115,3 +182,6 @@ def feature_circuit_graph(fgraph: Any, scores: Any, kept: Any, nodes: Any, *, mo
             add_connection(G, e.sender, e.receiver,
                            in_circuit=in_c[fgraph.node_index[e.sender]] and in_c[fgraph.node_index[e.receiver]])
     return G
+
+
+register_graph_kinds()

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from circuits.convert import owner_node
 from explainers.units import hook_short, parse_unit_id
 
 LEVEL_KINDS = {"neuron": ("neuron", "head"), "direction": ("direction",), "feature": ("feature",)}
@@ -86,7 +87,7 @@ def unit_node(unit: str, G: Any | None) -> str:
     if u.kind == "head":
         node = u.short
     elif u.kind == "neuron":
-        node = u.short if u.short in G else f"m{u.layer}"
+        node = owner_node(u.short, G)
     elif u.kind == "feature":
         node = f"f{u.layer}.{u.index}"
     else:
@@ -309,7 +310,7 @@ def plan_units(model: Any, store: Any, G: Any | None, level: str, selection: Sel
 
 
 def _owner(n: str) -> str:
-    return n.split(".n")[0] if n.startswith("m") else n
+    return owner_node(n)  # neuron m0.n3 -> m0
 
 
 def _label(basis: Any, i: int) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from circuits.convert import owner_node
 from evals.references import ReferenceCircuit, edge_endpoints
 
 IO_NODES = ("embed", "pos_embed", "logits")
@@ -199,7 +200,7 @@ def method_rocs(graph: Any, result: Any, reference: ReferenceCircuit) -> dict[st
                 ns[n] = max(ns.get(n, -math.inf), v)
     else:
         for uid, v in zip(scores.ids, values.tolist(), strict=True):
-            node = uid if uid in graph.node_index else uid.split(".n")[0]  # neuron m0.n3 -> m0
+            node = owner_node(uid, graph.node_index)  # neuron m0.n3 -> m0
             ns[node] = max(ns.get(node, -math.inf), v)
     out["node"] = node_roc(node_ids, {n: (v if v > -math.inf else math.nan) for n, v in ns.items()}, reference,
                            absolute=False)

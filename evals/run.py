@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from circuits.convert import owner_node
 from evals.faithfulness import (
     FaithfulnessConfig,
     FaithfulnessResult,
@@ -220,7 +221,7 @@ def _node_keys(graph: Any, result: Any, ranking: str, higher: bool) -> dict[str,
         keys = ranking_keys(result.scores.values, ranking=ranking, higher_is_better=higher).tolist()
     out: dict[str, float] = {}
     for uid, k in zip(result.scores.ids, keys, strict=True):
-        node = uid if uid in graph.node_index else uid.split(".n")[0]
+        node = owner_node(uid, graph.node_index)  # neuron m0.n3 -> m0
         out[node] = max(out.get(node, -math.inf), k)
     return out
 
@@ -258,7 +259,7 @@ def circuit_edges(graph: Any, result: Any) -> Bool[Tensor, " E"]:
     if result.level == "edge":
         kept = dict(zip(result.scores.ids, result.kept.tolist(), strict=True))
         return torch.tensor([bool(kept.get(e.id, False)) for e in graph.edges], dtype=torch.bool)
-    nodes = {uid if uid in graph.node_index else uid.split(".n")[0]
+    nodes = {owner_node(uid, graph.node_index)
              for uid, k in zip(result.scores.ids, result.kept.tolist(), strict=True) if k} | set(IO_NODES)
     return torch.tensor([e.sender in nodes and e.receiver in nodes for e in graph.edges], dtype=torch.bool)
 

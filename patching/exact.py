@@ -27,6 +27,7 @@ from torch import Tensor
 from patching.batch import TaskBatch
 from patching.edge_patcher import EdgePatcher
 from patching.graph import ComponentGraph
+from patching.kinds import unit_kind
 from patching.metrics import Metric
 from patching.patcher import DEFAULT_MAX_BYTES, Patcher, resolve_metric
 from patching.scores import Scores, unit_ids
@@ -59,7 +60,7 @@ class NodePatcher(Patcher):
                          per_position=per_position, chunk_size=chunk_size, max_bytes=max_bytes, replay=suffix,
                          prompt_batch=prompt_batch, mean_include_bos=mean_include_bos)
         self._n_units = graph.n_nodes
-        self._logits = torch.tensor([i for i, n in enumerate(graph.nodes) if n.kind == "logits"], dtype=torch.long,
+        self._logits = torch.tensor([i for i, n in enumerate(graph.nodes) if unit_kind(n.kind).is_sink], dtype=torch.long,
                                     device=self.wiring.device)
         with torch.no_grad(), self._prepared():
             for part in self.parts:
@@ -138,7 +139,7 @@ def node_patching_scores(model: Any, graph: ComponentGraph, batch: TaskBatch, *,
     p = NodePatcher(model, graph, batch, ablation=ablation, metric=metric, reference=reference,
                     per_position=per_position, chunk_size=chunk_size, prompt_batch=prompt_batch, max_bytes=max_bytes,
                     mean_include_bos=mean_include_bos)
-    cols = torch.tensor([graph.node_index[i] for i in ids if graph.node(i).kind != "logits"], dtype=torch.long)
+    cols = torch.tensor([graph.node_index[i] for i in ids if not unit_kind(graph.node(i).kind).is_sink], dtype=torch.long)
     pos = {int(c): k for k, c in enumerate(torch.tensor([graph.node_index[i] for i in ids]).tolist())}
     values = torch.zeros(len(ids), dtype=torch.float32)
     for start, masks in _identity_chunks(graph.n_nodes, cols, _group(chunk_size, graph.n_nodes), p.wiring.device):

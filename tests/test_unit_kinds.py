@@ -4,17 +4,25 @@
 and its edge input is the pre-norm input of that layer's attention (``blocks.L.ln1.hook_in``, which q, k and v
 all read). A graph built with it in place of the heads (``kinds=("attn_layer",), without=("attn_head",)``) is
 patched and attributed by the unchanged engine; every number is checked against hand-written TransformerLens
-hooks (the corrupted run's activations put in by hand; gradients by ``retain_grad``).
+hooks (the corrupted run's activations put in by hand; gradients by ``retain_grad``). Circuits discovered over it
+(EAP, node patching) convert to circuit graphs that ``graphs`` validates, saves and reloads with no edit to
+``graphs`` (circuits.convert registers the engine's kinds with the schema).
 """
 
 from __future__ import annotations
 
+import networkx as nx
 import pytest
 import torch
+from helpers_graphs import comparable
 from helpers_models import gpt2_bridge, random_batch
 
+import graphs.circuit as schema
+from circuits.algorithms import DiscoveryConfig, get_algorithm
 from circuits.algorithms.nodes import eligible_units
 from circuits.algorithms.order import acdc_receivers, node_key
+from circuits.convert import owner_node, register_graph_kinds, to_circuit_graph
+from graphs.ops import prune
 from patching import ComponentGraph, EdgePatcher, NodePatcher, atp, eap, eap_ig
 from patching.kinds import UnitKind, parse_node_id, register_kind, unit_kind
 from patching.metrics import gather_pos
@@ -194,3 +202,83 @@ def test_eap_ig_of_the_new_kind_matches_hand_integrated_gradients(model, graph):
     got = eap_ig(model, graph, BATCH, ablation="resample", steps=steps)
     assert torch.allclose(got.values, want, atol=2e-5), (got.values - want).abs().max()
     assert not torch.allclose(got.values, eap(model, graph, BATCH).values, atol=1e-3)  # the interpolation matters
+
+
+# ---- the discovered circuit leaves the engine: circuits.convert -> graphs (no edit to graphs/) -----------------
+
+def to_graph(graph, result, **attrs):
+    return to_circuit_graph(graph, result, model="gpt2-random", task="random", ablation="resample",
+                            metric="logit_diff", seed=0, **attrs)
+
+
+def test_eap_circuit_of_the_new_kind_converts_saves_and_reloads(model, graph, tmp_path):
+    res = get_algorithm("eap")(model, graph, BATCH, DiscoveryConfig(metric="logit_diff", topk=6))
+    kept = res.kept.tolist()
+    assert 0 < sum(kept) <= 6
+    G = to_graph(graph, res)
+    schema.validate(G)
+    assert G.nodes["attn1"] == {"kind": "attn_layer", "layer": 1, "hook": "blocks.1.hook_attn_out",
+                                "in_circuit": G.nodes["attn1"]["in_circuit"]}
+    assert schema.parse_node_id("attn1") == {"kind": "attn_layer", "layer": 1}
+    # every scored edge with the algorithm's own score and decision; nodes in the circuit = touched by a kept edge
+    for e, v, k in zip(graph.edges, res.scores.values.tolist(), kept, strict=True):
+        assert G.edges[e.sender, e.receiver] == {"input": "", "in_circuit": k, "score": v}
+    touched = {x for e, k in zip(graph.edges, kept, strict=True) if k for x in (e.sender, e.receiver)}
+    assert {n for n, d in G.nodes(data=True) if d["in_circuit"]} == touched
+    # the selection (is_input / is_sink) kept only edges on an input -> logits path: checked by networkx
+    C = nx.DiGraph([(e.sender, e.receiver) for e, k in zip(graph.edges, kept, strict=True) if k])
+    for u, v in C.edges:
+        assert any(nx.has_path(C, i, u) or u == i for i in ("embed", "pos_embed") if i in C), (u, v)
+        assert nx.has_path(C, v, "logits"), (u, v)
+    # the JSON file round-trips; ops and drawing read the new kind's stage (attention before the MLP)
+    back = schema.load(schema.save(G, tmp_path / "attn_layer.json"))
+    assert comparable(back) == comparable(G)
+    col = {n: c for n, (c, _) in schema.positions(G).items()}
+    assert col["embed"] < col["attn0"] < col["m0"] < col["attn1"] < col["m1"] < col["logits"]
+    schema.validate(prune(G, topk=3))
+    G.add_edge("m1", "attn1", input="", in_circuit=False)  # a later stage cannot send to an earlier one
+    with pytest.raises(ValueError, match="edge m1->attn1: the sender does not come before the receiver"):
+        schema.validate(G)
+
+
+def test_node_circuit_of_the_new_kind_converts(model, graph, tmp_path):
+    res = get_algorithm("node-patch")(model, graph, BATCH, DiscoveryConfig(metric="logit_diff", topk=2))
+    G = to_graph(graph, res)
+    schema.validate(G)
+    score = dict(zip(res.scores.ids, res.scores.values.tolist(), strict=True))
+    kept = dict(zip(res.scores.ids, res.kept.tolist(), strict=True))
+    assert [u for u, k in kept.items() if k] and sum(kept.values()) == 2
+    assert not any(kept[n] for n in ("embed", "pos_embed", "logits"))  # never units
+    for n in ("attn0", "attn1", "m0", "m1"):
+        assert (G.nodes[n]["score"], G.nodes[n]["in_circuit"]) == (score[n], kept[n])
+    assert all(G.nodes[n]["in_circuit"] for n in ("embed", "pos_embed", "logits"))  # inputs and sink: always
+    assert comparable(schema.load(schema.save(G, tmp_path / "nodes.json"))) == comparable(G)
+
+
+def test_graph_schema_registration_is_idempotent_and_rejects_a_conflict():
+    register_graph_kinds()
+    k = schema.node_kind("attn_layer")
+    assert (k.pattern, k.fields, k.is_input, k.stage) == (AttnLayerKind.pattern, ("layer",), False, 0)
+    assert schema.register_node_kind("attn_layer", r"attn(\d+)", ["layer"], stage=0) is k
+    register_graph_kinds()
+    with pytest.raises(ValueError, match="node kind 'attn_layer' is already registered"):
+        schema.register_node_kind("attn_layer", r"attn(\d+)", ("layer",), stage=1)
+    with pytest.raises(ValueError, match="fields .* must be distinct ones of"):
+        schema.register_node_kind("other", r"o(\d+)", ("depth",))
+    with pytest.raises(ValueError, match="pattern 'o\\(' is not a regex"):
+        schema.register_node_kind("other", r"o(", ())
+    with pytest.raises(ValueError, match="bad node id 'zz': .*or logits, or an id of a registered kind: .*attn_layer"):
+        schema.parse_node_id("zz")
+    assert schema.node_kind("other") is None
+
+
+def test_unit_owner_is_the_old_id_split(model, graph):
+    """circuits.convert.owner_node (the component-id parser) against the string rule it replaces in evals."""
+    neurons = ComponentGraph.from_model(model, neurons=True)
+    plain = ComponentGraph.from_model(model)
+    ids = [n.id for n in neurons.nodes] + [n.id for n in graph.nodes] + ["m12.n7", "m1.n12"]
+    for index in (neurons.node_index, plain.node_index, graph.node_index):
+        for uid in ids:
+            assert owner_node(uid, index) == (uid if uid in index else uid.split(".n")[0]), uid
+    for uid in ids:
+        assert owner_node(uid) == (uid.split(".n")[0] if uid.startswith("m") else uid), uid

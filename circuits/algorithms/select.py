@@ -13,9 +13,17 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuits.algorithms.order import node_key
+from patching.kinds import unit_kind
 
-INPUT_KINDS = ("embed", "pos_embed")
-OUTPUT_KINDS = ("logits",)
+
+def _inputs(graph: Any) -> list[int]:
+    """Indices of the graph's input nodes (embed, pos_embed: kinds with ``is_input``)."""
+    return [i for i, n in enumerate(graph.nodes) if unit_kind(n.kind).is_input]
+
+
+def _sinks(graph: Any) -> list[int]:
+    """Indices of the graph's sink nodes (the logits: kinds with ``is_sink``)."""
+    return [i for i, n in enumerate(graph.nodes) if unit_kind(n.kind).is_sink]
 
 
 def select_units(scores: Float[Tensor, " U"], *, topk: int | None = None, topk_fraction: float | None = None,
@@ -69,10 +77,8 @@ def prune_to_connected(graph: Any, kept: Bool[Tensor, " E"]) -> Bool[Tensor, " E
         if m:
             fwd[senders[i]].append(receivers[i])
             bwd[receivers[i]].append(senders[i])
-    starts = [i for i, n in enumerate(graph.nodes) if n.kind in INPUT_KINDS]
-    ends = [i for i, n in enumerate(graph.nodes) if n.kind in OUTPUT_KINDS]
-    from_inputs = _reach(starts, fwd)
-    to_logits = _reach(ends, bwd)
+    from_inputs = _reach(_inputs(graph), fwd)
+    to_logits = _reach(_sinks(graph), bwd)
     out = [m and senders[i] in from_inputs and receivers[i] in to_logits for i, m in enumerate(mask)]
     return torch.tensor(out, dtype=torch.bool, device=kept.device)
 
@@ -119,8 +125,8 @@ class Connectivity:
         self.snd = torch.tensor([idx[e.sender] for e in graph.edges], dtype=torch.long)
         self.rcv = torch.tensor([idx[e.receiver] for e in graph.edges], dtype=torch.long)
         self.order = sorted(range(self.n_nodes), key=lambda i: node_key(graph.nodes[i]))
-        self.inputs = {i for i, n in enumerate(graph.nodes) if n.kind in INPUT_KINDS}
-        self.outputs = {i for i, n in enumerate(graph.nodes) if n.kind in OUTPUT_KINDS}
+        self.inputs = set(_inputs(graph))
+        self.outputs = set(_sinks(graph))
         self.incoming = [torch.nonzero(self.rcv == i).flatten() for i in range(self.n_nodes)]
         self.outgoing = [torch.nonzero(self.snd == i).flatten() for i in range(self.n_nodes)]
 

@@ -41,22 +41,24 @@ from patching.kinds import UnitKind, parse_node_id, unit_kind
 
 def register_graph_kinds() -> None:
     """Register every unit kind of :data:`patching.kinds.KINDS` with the graph schema
-    (:func:`graphs.circuit.register_node_kind`: its id pattern and fields, whether it is an input, its stage).
+    (:func:`graphs.circuit.register_node_kind`: its id pattern and fields, whether it is an input, its stage, its
+    q / k / v inputs).
 
     Cheap and idempotent; the conversions call it each time, so kinds registered after import count too. The
     schema's built-in kinds keep their own (stricter) id patterns; their other facts must agree with the engine's.
     """
     for k in UNIT_KINDS.values():
         stage = 0 if k.is_input or k.stage == 0 else 1
+        inputs = tuple(x for x in k.inputs if x is not None)
         if k.is_sink and k.name != "logits":
             raise ValueError(f"unit kind {k.name!r} ({type(k).__name__}) is a sink: the graph schema has one sink, "
                              "'logits'")
         known = node_kind(k.name) if k.name in BUILTIN_KINDS else None
         if known is None:
-            register_node_kind(k.name, k.pattern, k.fields, is_input=k.is_input, stage=stage)
-        elif (known.fields, known.is_input, known.stage) != (tuple(k.fields), k.is_input, stage):
+            register_node_kind(k.name, k.pattern, k.fields, is_input=k.is_input, stage=stage, inputs=inputs)
+        elif (known.fields, known.is_input, known.stage, known.inputs) != (tuple(k.fields), k.is_input, stage, inputs):
             raise ValueError(f"unit kind {k.name!r} ({type(k).__name__}: fields {tuple(k.fields)}, input "
-                             f"{k.is_input}, stage {stage}) disagrees with the graph schema's {known}")
+                             f"{k.is_input}, stage {stage}, inputs {inputs}) disagrees with the graph schema's {known}")
 
 
 def _endpoint(k: UnitKind) -> bool:

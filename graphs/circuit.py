@@ -60,14 +60,16 @@ _INT_ATTRS = ("layer", "head", "index")
 class NodeKind:
     """One kind of circuit node as the schema knows it (:func:`register_node_kind`): its ids (``pattern``, a
     full-match regex whose groups give the int attributes ``fields``), whether it is a model input (before
-    layer 0, ``layer = -1``; receives nothing) and its ``stage`` in its layer (0: the attention stage, read
-    by the layer's MLP stage; 1: the MLP stage). ``logits`` is the one sink (after every layer)."""
+    layer 0, ``layer = -1``; receives nothing), its ``stage`` in its layer (0: the attention stage, read
+    by the layer's MLP stage; 1: the MLP stage) and the split ``inputs`` (of q, k, v) its incoming edges may be
+    scored per (attention heads); ``logits`` is the one sink (after every layer)."""
 
     name: str
     pattern: str
     fields: tuple[str, ...] = ()
     is_input: bool = False
     stage: int = 1
+    inputs: tuple[str, ...] = ()
     regex: re.Pattern[str] = dataclass_field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,13 +85,15 @@ INPUT_KINDS: tuple[str, ...] = ()
 
 
 def register_node_kind(kind: str, pattern: str, fields: tuple[str, ...] | list[str] = (), *,
-                       is_input: bool = False, stage: int = 1) -> NodeKind:
+                       is_input: bool = False, stage: int = 1, inputs: tuple[str, ...] | list[str] = ()) -> NodeKind:
     """Make ``kind`` a node kind of the schema: ids fully matching the regex ``pattern`` parse as it, its
     groups giving the int node attributes ``fields`` (of ``layer``, ``head``, ``index``, in group order).
 
     ``is_input``: a model input (``layer = -1``, before every layer, receives no edges; ``stage`` is not used).
     ``stage``: 0 when the kind writes in the attention stage of its layer (before the layer's MLP), 1 in the MLP
     stage; it orders edges within a layer (:func:`validate`) and places drawing columns (:func:`draw_column`).
+    ``inputs``: the q / k / v inputs whose edges are split (scored per input, :func:`add_connection`); none: every
+    edge into the kind is a plain edge.
     Ids are tried against the kinds in registration order, so a new pattern must not match another kind's
     ids. Registering the same definition again does nothing; a different definition for a registered name
     raises a one-line ``ValueError``. (:mod:`circuits.convert` registers every unit kind of the engine,
@@ -105,8 +109,12 @@ def register_node_kind(kind: str, pattern: str, fields: tuple[str, ...] | list[s
                          f"{' (an input has no layer of its own)' if is_input else ''}")
     if isinstance(stage, bool) or stage not in (0, 1):
         raise ValueError(f"register_node_kind {kind!r}: stage must be 0 (attention) or 1 (MLP), got {stage!r}")
+    inputs = tuple(inputs)
+    if any(x not in QKV for x in inputs) or len(set(inputs)) != len(inputs) or (is_input and inputs):
+        raise ValueError(f"register_node_kind {kind!r}: inputs {inputs} must be distinct ones of {QKV}"
+                         f"{' (an input receives nothing)' if is_input else ''}")
     try:
-        new = NodeKind(kind, pattern, fields, bool(is_input), 0 if is_input else int(stage))
+        new = NodeKind(kind, pattern, fields, bool(is_input), 0 if is_input else int(stage), inputs)
     except (re.error, TypeError) as e:
         raise ValueError(f"register_node_kind {kind!r}: pattern {pattern!r} is not a regex ({e})") from None
     if new.regex.groups != len(fields):
@@ -132,7 +140,7 @@ def node_kind(kind: str) -> NodeKind | None:
 register_node_kind("embed", r"embed", is_input=True)
 register_node_kind("pos_embed", r"pos_embed", is_input=True)
 register_node_kind("logits", r"logits")
-register_node_kind("attn_head", r"a(\d+)\.h(\d+)", ("layer", "head"), stage=0)
+register_node_kind("attn_head", r"a(\d+)\.h(\d+)", ("layer", "head"), stage=0, inputs=QKV)
 register_node_kind("mlp", r"m(\d+)", ("layer",))
 register_node_kind("neuron", r"m(\d+)\.n(\d+)", ("layer", "index"))
 register_node_kind("feature", r"f(\d+)\.(\d+)(?:@(?:\1)\.[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?", ("layer", "index"))
@@ -294,6 +302,16 @@ def add_component(G: nx.DiGraph, node_id: str, *, kind: str, layer: int | None, 
     G.add_node(node_id, **data)
 
 
+def _split_inputs(kind: Any) -> tuple[str, ...]:
+    k = _NODE_KINDS.get(kind) if isinstance(kind, str) else None
+    return () if k is None else k.inputs
+
+
+def _other_split_kinds() -> str:
+    """Registered kinds other than ``attn_head`` with split inputs (``", kv_head"``), for error messages."""
+    return "".join(f", {k.name}" for k in _NODE_KINDS.values() if k.inputs and k.name != "attn_head")
+
+
 def _refresh_split_edge(data: dict[str, Any]) -> None:
     """Recompute ``input``, ``score`` and ``in_circuit`` of a split edge from its per-input attrs."""
     data["input"] = ",".join(x for x in QKV if data.get(f"in_circuit_{x}", False))
@@ -320,8 +338,14 @@ def add_connection(G: nx.DiGraph, sender: str, receiver: str, *, input: str | No
                              "(add it with add_component first)")
     if input is not None and input not in QKV:
         raise ValueError(f"edge {edge_id(sender, receiver)}: input must be q, k, v or None, got {input!r}")
-    if input is not None and G.nodes[receiver].get("kind") != "attn_head":
-        raise ValueError(f"edge {edge_id(sender, receiver, input)}: only attention heads have q/k/v inputs")
+    split_inputs = _split_inputs(G.nodes[receiver].get("kind"))
+    if input is not None and not split_inputs:
+        more = _other_split_kinds()
+        raise ValueError(f"edge {edge_id(sender, receiver, input)}: only attention heads have q/k/v inputs"
+                         + (f" (and {more[2:]})" if more else ""))
+    if input is not None and input not in split_inputs:
+        raise ValueError(f"edge {edge_id(sender, receiver, input)}: a {G.nodes[receiver]['kind']} has no {input} "
+                         f"input (only {', '.join(split_inputs)})")
     eid = edge_id(sender, receiver, input)
     value = None if score is None else _as_float(score, f"edge {eid}: score")
     data = dict(G.edges[sender, receiver]) if G.has_edge(sender, receiver) else {}
@@ -448,9 +472,13 @@ def _validate_edge(G: nx.DiGraph, u: str, v: str, d: dict[str, Any]) -> None:
     if "in_circuit" not in d:
         raise ValueError(f"{name}: attribute 'in_circuit' is missing")
     if is_split(d):
-        if sv["kind"] != "attn_head":
-            raise ValueError(f"{name}: q/k/v attributes on an edge into a {sv['kind']} (only attention heads)")
+        inputs = _split_inputs(sv["kind"])
+        if not inputs:
+            raise ValueError(f"{name}: q/k/v attributes on an edge into a {sv['kind']} (only attention heads"
+                             f"{_other_split_kinds()})")
         for x in QKV:
+            if x not in inputs and (f"score_{x}" in d or f"in_circuit_{x}" in d):
+                raise ValueError(f"{name}: a {sv['kind']} has no {x} input")
             if f"score_{x}" in d and f"in_circuit_{x}" not in d:
                 raise ValueError(f"{name}: score_{x} without in_circuit_{x}")
         expected = dict(d)

@@ -282,3 +282,26 @@ def test_unit_owner_is_the_old_id_split(model, graph):
             assert owner_node(uid, index) == (uid if uid in index else uid.split(".n")[0]), uid
     for uid in ids:
         assert owner_node(uid) == (uid.split(".n")[0] if uid.startswith("m") else uid), uid
+
+
+def test_schema_kind_with_split_inputs():
+    """A registered kind with split inputs (here k and v only) takes per-input edges like an attention head."""
+    schema.register_node_kind("kv_group", r"a(\d+)\.g(\d+)", ("layer", "head"), stage=0, inputs=("k", "v"))
+    G = schema.new_circuit(model="m", task="t", method="x", ablation="zero", metric="kl", seed=0)
+    schema.add_component(G, "embed", kind="embed", layer=None)
+    schema.add_component(G, "a0.g1", kind="kv_group", layer=0, head=1, score=0.5)
+    schema.add_component(G, "m0", kind="mlp", layer=0)
+    schema.add_connection(G, "embed", "a0.g1", input="k", score=0.5, in_circuit=True)
+    schema.add_connection(G, "embed", "a0.g1", input="v", score=-1.0, in_circuit=False)
+    schema.add_connection(G, "a0.g1", "m0", score=0.25)
+    schema.validate(G)
+    e = G.edges["embed", "a0.g1"]
+    assert (e["input"], e["score"], e["in_circuit"]) == ("k", -1.0, True)
+    assert schema.edge_ids(G, in_circuit_only=False) == ["embed->a0.g1<k>", "embed->a0.g1<v>", "a0.g1->m0"]
+    with pytest.raises(ValueError, match=r"edge embed->a0.g1<q>: a kv_group has no q input \(only k, v\)"):
+        schema.add_connection(G, "embed", "a0.g1", input="q", score=0.1)
+    with pytest.raises(ValueError, match=r"embed->m0<k>: only attention heads have q/k/v inputs \(and kv_group\)"):
+        schema.add_connection(G, "embed", "m0", input="k", score=0.1)
+    G.edges["embed", "a0.g1"].update(score_q=0.0, in_circuit_q=False)
+    with pytest.raises(ValueError, match="edge embed->a0.g1: a kv_group has no q input"):
+        schema.validate(G)

@@ -302,6 +302,12 @@ def add_component(G: nx.DiGraph, node_id: str, *, kind: str, layer: int | None, 
     G.add_node(node_id, **data)
 
 
+def _stage(kind: str) -> int:
+    """0 for a kind written in the attention stage of its layer (and the inputs), 1 for the rest."""
+    k = _NODE_KINDS.get(kind)
+    return 1 if k is None else k.stage
+
+
 def _split_inputs(kind: Any) -> tuple[str, ...]:
     k = _NODE_KINDS.get(kind) if isinstance(kind, str) else None
     return () if k is None else k.inputs
@@ -399,7 +405,7 @@ def _order_key(d: dict[str, Any]) -> tuple[float, int]:
     kind = d["kind"]
     if kind == "logits":
         return (math.inf, 0)
-    return (d.get("layer", -1), _NODE_KINDS[kind].stage)
+    return (d.get("layer", -1), _stage(kind))
 
 
 def validate(G: Any) -> None:
@@ -564,7 +570,7 @@ def draw_column(d: dict[str, Any], last_layer: int) -> int:
         return 0
     if kind == "logits":
         return 2 * last_layer + 3
-    return 2 * d["layer"] + (1 if _NODE_KINDS[kind].stage == 0 else 2)
+    return 2 * d["layer"] + (1 if _stage(kind) == 0 else 2)
 
 
 def positions(G: nx.DiGraph) -> dict[str, tuple[int, int]]:

@@ -14,7 +14,6 @@ from typing import Any
 import networkx as nx
 
 from graphs.circuit import (
-    INPUT_KINDS,
     QKV,
     EdgeInput,
     _refresh_split_edge,
@@ -22,9 +21,17 @@ from graphs.circuit import (
     edge_inputs,
     is_split,
     node_ids,
+    node_kind,
 )
 
 log = logging.getLogger(__name__)
+
+
+def _is_io(kind: str) -> bool:
+    """Whether ``kind`` is a model input or the logits, asked of the registry at call time (a kind registered after
+    this module was imported counts)."""
+    k = node_kind(kind)
+    return kind == "logits" or (k is not None and k.is_input)
 
 
 def _select(units: list[Any], scores: list[float | None], marked: list[bool],
@@ -128,7 +135,7 @@ def prune(G: nx.DiGraph, threshold: float | None = None, topk: int | None = None
                    [bool(G.nodes[n].get("in_circuit", False)) for n in scored], threshold, topk)
     kept = {n for n, k in zip(scored, keep, strict=True) if k}
     kept |= {n for n, d in G.nodes(data=True) if "score" not in d
-             and (d.get("in_circuit", False) or d["kind"] in (*INPUT_KINDS, "logits"))}
+             and (d.get("in_circuit", False) or _is_io(d["kind"]))}
     H = G.subgraph([n for n in G.nodes if n in kept]).copy()
     for n in H.nodes:
         H.nodes[n]["in_circuit"] = True
@@ -203,10 +210,8 @@ def compare(A: nx.DiGraph, B: nx.DiGraph, *, in_circuit_only: bool = True,
     ``recall`` (|A&B|/|B|), ``f1``, ``n_a``, ``n_b``, ``n_common``. A ratio whose denominator is zero is
     1.0 when both sets are empty and 0.0 otherwise.
     """
-    io = (*INPUT_KINDS, "logits")
-
     def nodes(G: nx.DiGraph) -> set[str]:
-        return {n for n in node_ids(G, in_circuit_only) if include_io or G.nodes[n]["kind"] not in io}
+        return {n for n in node_ids(G, in_circuit_only) if include_io or not _is_io(G.nodes[n]["kind"])}
 
     out: dict[str, float] = {}
     for prefix, a, b in (("node", nodes(A), nodes(B)),

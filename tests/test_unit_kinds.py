@@ -305,3 +305,68 @@ def test_schema_kind_with_split_inputs():
     G.edges["embed", "a0.g1"].update(score_q=0.0, in_circuit_q=False)
     with pytest.raises(ValueError, match="edge embed->a0.g1: a kv_group has no q input"):
         schema.validate(G)
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated:DeprecationWarning")  # pyparsing names used by pydot
+def test_every_exporter_writes_the_new_kind_without_a_colour(model, graph, tmp_path):
+    """The EAP circuit over ``attn{L}`` leaves through every format of ``graphs.export`` (no colour registered for
+    the kind in ``graphs.export.style``): each file reads back (or parses) with the new nodes, the DOT / GEXF fill of
+    an in-circuit ``attn{L}`` is the neutral default, Neuronpedia puts it in the attention sub-layer 2L as that
+    sub-layer's error node (it has only a layer) and validates against the schema, the viewer labels its column as
+    attention."""
+    import json
+    import re
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    import jsonschema
+    import pydot
+
+    from graphs.export import EXPORTERS, export, gexf, graphml
+    from graphs.export.style import DEFAULT_FILL, KIND_FILL
+
+    assert "attn_layer" not in KIND_FILL
+    G = to_graph(graph, get_algorithm("eap")(model, graph, BATCH, DiscoveryConfig(metric="logit_diff", topk=6)))
+    new = ["attn0", "attn1"]
+    inside = [n for n in new if G.nodes[n]["in_circuit"]]
+    assert inside, "the test needs an attn{L} node in the circuit (the colour of in-circuit nodes)"
+    out = {name: export(G, tmp_path / f"circuit.{name}", format=name) for name in EXPORTERS}
+    assert set(out) == {"graphml", "gexf", "nodelink", "cytoscape", "dot", "neuronpedia", "html"}
+
+    assert comparable(graphml.read(out["graphml"])) == comparable(G)
+    assert comparable(gexf.read(out["gexf"])) == comparable(G)
+    assert comparable(schema.load(out["nodelink"])) == comparable(G)
+    cy = {e["data"]["id"]: e for e in json.loads(out["cytoscape"].read_text())["elements"]["nodes"]}
+    assert all(cy[n]["data"]["kind"] == "attn_layer" and cy[n]["classes"].startswith("attn_layer ") for n in new)
+
+    rgb = {n.get("id"): n.find("{http://www.gexf.net/1.2draft/viz}color").attrib
+           for n in ET.parse(out["gexf"]).getroot().iter("{http://www.gexf.net/1.2draft}node")}
+    h = DEFAULT_FILL.lstrip("#")
+    assert all((rgb[n]["r"], rgb[n]["g"], rgb[n]["b"]) == tuple(str(int(h[i:i + 2], 16)) for i in (0, 2, 4))
+               for n in inside)
+    (dg,) = pydot.graph_from_dot_data(out["dot"].read_text())
+    dnodes = {n.get_name().strip('"'): n for n in dg.get_nodes()}
+    assert all(dnodes[n].get("ce_kind") == '"attn_layer"' for n in new)
+    assert all(dnodes[n].get("fillcolor") == f'"{DEFAULT_FILL}"' for n in inside)
+
+    data = json.loads(out["neuronpedia"].read_text())
+    spec = Path(__file__).resolve().parents[2] / "shared" / "specs" / "neuronpedia-graph-schema.json"
+    jsonschema.validate(data, json.loads(spec.read_text()))
+    nodes = {n["clerp"].split(" ")[0]: n for n in data["nodes"]}
+    assert len({n["node_id"] for n in data["nodes"]}) == len(data["nodes"]) == G.number_of_nodes()
+    for L in (0, 1):
+        a, m = nodes[f"attn{L}"], nodes[f"m{L}"]
+        assert (a["layer"], a["feature"], a["node_id"], a["jsNodeId"], a["feature_type"]) == (
+            str(2 * L), -1, f"{2 * L}_-1_0", f"{2 * L}_-1-0", "mlp reconstruction error")
+        assert (m["layer"], m["node_id"]) == (str(2 * L + 1), f"{2 * L + 1}_-1_0")  # the MLP after its attention
+    assert nodes["logits"]["layer"] == "4"
+    links = {(lk["source"], lk["target"]): lk["weight"] for lk in data["links"]}
+    assert links[("0_-1_0", "1_-1_0")] == -G.edges["attn0", "m0"]["score"]  # logit_diff: weight = -score
+
+    page = out["html"].read_text()
+    m = re.search(r'<script type="application/json" id="circuit-data">(.*?)</script>', page, re.S)
+    view = json.loads(m.group(1))
+    col = {n["id"]: n["col"] for n in view["nodes"]}
+    assert {n["id"] for n in view["nodes"]} == set(G.nodes)
+    assert [view["columns"][str(col[n])] for n in ("embed", "attn0", "m0", "attn1", "m1", "logits")] == [
+        "embeddings", "L0 attention", "L0 MLP", "L1 attention", "L1 MLP", "logits"]

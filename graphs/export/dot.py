@@ -16,7 +16,7 @@ from typing import Any
 import networkx as nx
 
 from graphs.circuit import edge_id, positions, validate
-from graphs.export.style import KIND_FILL, NEUTRAL, edge_width, max_abs_score, node_label, sign_colour
+from graphs.export.style import NEUTRAL, edge_width, kind_fill, max_abs_score, node_label, sign_colour
 
 
 def quote(value: Any) -> str:
@@ -54,7 +54,7 @@ def to_dot(G: nx.DiGraph) -> str:
         lines.append(f"  subgraph {quote(f'column_{col}')} {{ rank=same; "
                      + " ".join(f"{quote(n)};" for n in members) + " }")
     for n, d in G.nodes(data=True):
-        fill = KIND_FILL[d["kind"]] if d.get("in_circuit") else "#f5f5f5"
+        fill = kind_fill(d["kind"]) if d.get("in_circuit") else "#f5f5f5"
         style = {"label": node_label(n, d), "tooltip": _tooltip(n, d), "fillcolor": fill,
                  "color": "black" if d.get("in_circuit") else NEUTRAL,
                  "fontcolor": "black" if d.get("in_circuit") else "#757575"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import networkx as nx
 
 from graphs.circuit import positions, validate
-from graphs.export.style import KIND_FILL, NEUTRAL, centred_positions
+from graphs.export.style import NEUTRAL, centred_positions, kind_fill
 
 NS = "http://www.gexf.net/1.2draft"
 DESCRIPTION_PREFIX = "circuitexplain graph attributes: "
@@ -37,7 +37,7 @@ def export(G: nx.DiGraph, path: str | Path) -> Path:
     xy = centred_positions(positions(G))
     for n, d in H.nodes(data=True):
         x, y = xy[n]
-        colour = KIND_FILL[d["kind"]] if d.get("in_circuit") else NEUTRAL
+        colour = kind_fill(d["kind"]) if d.get("in_circuit") else NEUTRAL
         d["viz"] = {"position": {"x": x, "y": -y, "z": 0.0}, "size": 10.0, "color": _rgb(colour)}
     nx.write_gexf(H, path)
     ET.register_namespace("", NS)

@@ -15,6 +15,12 @@ circuit node              ``feature_type`` / ``layer``        ``node_id`` / ``js
 ``logits``                ``logit`` / 2 * n_layers            ``{2n}_0_0`` / ``L_0-0`` / 0
 ========================  ==================================  ============================================
 
+A kind registered with :func:`graphs.circuit.register_node_kind` (not in the table) maps by its definition: an input
+kind is an ``embedding`` ``E_{i}_0`` (``i`` its place among the input kinds, after ``embed`` 0 and ``pos_embed`` 1);
+any other sits in sub-layer 2L (attention ``stage`` 0) or 2L+1 (MLP stage 1), as a ``lorsa`` unit (feature = its
+``head``) when it has a head, a ``cross layer transcoder`` (feature = its ``index``) when it has an index, else
+as its sub-layer's ``mlp reconstruction error`` (feature -1), like a whole MLP.
+
 **Feature circuits** (nodes ``f{L}.{I}@{site}`` / ``err@{site}`` at SAE sites, :mod:`graphs.export.sites`):
 several SAEs may share a layer (``0.mlp_out`` and ``0.resid_post``), so the Neuronpedia ``layer`` is the node's
 column in the site layout the HTML viewer draws (residual order: embeddings ``"E"``, then one column per site
@@ -48,7 +54,8 @@ from typing import Any
 
 import networkx as nx
 
-from graphs.circuit import package_version, validate
+from graphs import circuit
+from graphs.circuit import node_kind, package_version, validate
 from graphs.export.sites import has_sites, site_layout
 from graphs.export.style import LOWER_IS_BETTER
 
@@ -63,24 +70,43 @@ def _layer_of_logits(G: nx.DiGraph) -> int:
     return 2 * (max(layers, default=-1) + 1)
 
 
+def _is_input(kind: str) -> bool:
+    k = node_kind(kind)
+    return k is not None and k.is_input
+
+
+def _feature(d: dict[str, Any]) -> tuple[int, str]:
+    """``(feature, feature_type)`` of a node inside a layer: a head ``lorsa``, an MLP / block / SAE error ``-1`` (the
+    sub-layer's error node); a registered kind by its attributes: with a ``head`` ``lorsa``, with an ``index``
+    ``cross layer transcoder``, with only a layer the error node ``-1``."""
+    kind = d["kind"]
+    if kind == "attn_head":
+        return d["head"], "lorsa"
+    if kind in ("mlp", "block", "error"):
+        return -1, "mlp reconstruction error"
+    if kind in ("neuron", "feature"):
+        return d["index"], "cross layer transcoder"
+    if "head" in d:
+        return d["head"], "lorsa"
+    if "index" in d:
+        return d["index"], "cross layer transcoder"
+    return -1, "mlp reconstruction error"
+
+
 def node_fields(n: str, d: dict[str, Any], logits_layer: int, sign: float = -1.0) -> dict[str, Any]:
     """The Neuronpedia node for circuit node ``n`` (see the table in the module docstring); ``influence`` is
     ``sign * score`` (:func:`support_sign`)."""
     kind = d["kind"]
-    if kind in ("embed", "pos_embed"):
-        feature = 0 if kind == "embed" else 1
+    if _is_input(kind):
+        feature = circuit.INPUT_KINDS.index(kind)  # embed 0, pos_embed 1, then registered inputs
         layer, node_id, js, ftype = "E", f"E_{feature}_0", f"E_{feature}-0", "embedding"
     elif kind == "logits":
         feature = 0
         layer, node_id, js, ftype = str(logits_layer), f"{logits_layer}_0_0", "L_0-0", "logit"
     else:
-        sub = 2 * d["layer"] + (0 if kind == "attn_head" else 1)
-        if kind == "attn_head":
-            feature, ftype = d["head"], "lorsa"
-        elif kind in ("mlp", "block", "error"):
-            feature, ftype = -1, "mlp reconstruction error"
-        else:
-            feature, ftype = d["index"], "cross layer transcoder"
+        k = node_kind(kind)
+        sub = 2 * d["layer"] + (0 if k is not None and k.stage == 0 else 1)
+        feature, ftype = _feature(d)
         layer, node_id, js = str(sub), f"{sub}_{feature}_0", f"{sub}_{feature}-0"
     score = d.get("score")
     clerp = n if score is None else f"{n} (score {score:+.4g})"
@@ -93,18 +119,13 @@ def site_node_fields(n: str, d: dict[str, Any], column: int, sign: float = -1.0)
     """The Neuronpedia node of ``n`` in a feature graph (module docstring, "Feature circuits"): the Neuronpedia
     layer is the node's site column."""
     kind = d["kind"]
-    if kind in ("embed", "pos_embed"):
+    if _is_input(kind):
         return node_fields(n, d, 0, sign)
     layer = str(column)
     if kind == "logits":
         feature, node_id, js, ftype = 0, f"{layer}_0_0", "L_0-0", "logit"
     else:
-        if kind == "attn_head":
-            feature, ftype = d["head"], "lorsa"
-        elif kind in ("mlp", "block", "error"):
-            feature, ftype = -1, "mlp reconstruction error"
-        else:
-            feature, ftype = d["index"], "cross layer transcoder"
+        feature, ftype = _feature(d)
         node_id, js = f"{layer}_{feature}_0", f"{layer}_{feature}-0"
     score = d.get("score")
     label = n if not d.get("sae") else f"{n} [{d['sae']}]"

@@ -19,11 +19,20 @@ KIND_FILL = {
     "embed": "#d9f0d3", "pos_embed": "#d9f0d3", "attn_head": "#fee8c8", "mlp": "#deebf7",
     "neuron": "#deebf7", "feature": "#e7d4e8", "error": "#f2f2f2", "block": "#f0f0f0", "logits": "#fddbc7",
 }
+#: Fill of an in-circuit node whose kind has no :data:`KIND_FILL` entry (a registered kind without a colour); the
+#: HTML viewer's fallback (viewer.js) is the same.
+DEFAULT_FILL = "#eeeeee"
 COLUMN_SPACING = 220.0
 ROW_SPACING = 60.0
 
 
 LOWER_IS_BETTER = frozenset({"kl", "l2"})  # metrics where a larger value is worse (distances to the clean run)
+
+
+def kind_fill(kind: str) -> str:
+    """The fill of an in-circuit node of ``kind``: its :data:`KIND_FILL` entry, else :data:`DEFAULT_FILL` (a colour
+    is optional for a registered kind)."""
+    return KIND_FILL.get(kind, DEFAULT_FILL)
 
 
 def sign_colour(score: float | None, metric: str | None = None) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 import networkx as nx
 
-from graphs.circuit import draw_column, edge_id, edge_inputs, package_version, positions, validate
+from graphs.circuit import draw_column, edge_id, edge_inputs, node_kind, package_version, positions, validate
 from graphs.export.sites import has_sites, node_site, site_layout
 from graphs.export.style import KIND_FILL
 
@@ -37,11 +37,12 @@ def _column_labels(G: nx.DiGraph) -> dict[int, str]:
     names: dict[int, str] = {}
     for _, d in G.nodes(data=True):
         raw = draw_column(d, last)
-        if d["kind"] in ("embed", "pos_embed"):
+        kind = node_kind(d["kind"])
+        if kind is not None and kind.is_input:
             names[raw] = "embeddings"
         elif d["kind"] == "logits":
             names[raw] = "logits"
-        elif d["kind"] == "attn_head":
+        elif kind is not None and kind.stage == 0:  # attention heads and any kind registered in the attention stage
             names[raw] = f"L{d['layer']} attention"
         elif d["kind"] == "block":
             names[raw] = f"L{d['layer']} block"

@@ -217,3 +217,24 @@ def test_mark_sets_flags_from_a_circuit():
     assert edge_ids(G) != edge_ids(M)  # G untouched
     validate(M)
     assert nx.utils.graphs_equal(prune(M), prune(G, topk=3))
+
+
+def test_an_input_kind_registered_after_import_counts_as_an_input():
+    """ops asks the kind registry at call time: a model-input kind registered after graphs.ops was imported is
+    left out of compare's node sets (like embed) and kept by node-level prune (inputs are never pruned)."""
+    from graphs.circuit import register_node_kind
+
+    register_node_kind("tok_extra", r"tok_extra", is_input=True)
+    G = new_circuit(model="m", task="t", method="x", ablation="zero", metric="kl", seed=0, level="node")
+    add_component(G, "embed", kind="embed", layer=None)
+    add_component(G, "tok_extra", kind="tok_extra", layer=None)
+    add_component(G, "m0", kind="mlp", layer=0, score=-1.0, in_circuit=True)
+    add_component(G, "logits", kind="logits", layer=None)
+    for s in ("embed", "tok_extra"):
+        add_connection(G, s, "m0", score=None)
+    add_connection(G, "m0", "logits", score=None)
+    validate(G)
+    assert compare(G, G)["node_n_a"] == 1                      # m0 only: both input kinds left out
+    assert compare(G, G, include_io=True)["node_n_a"] == 4
+    H = prune(G, topk=1, level="node")
+    assert set(H.nodes) == {"embed", "tok_extra", "m0", "logits"}

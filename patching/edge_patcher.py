@@ -187,19 +187,16 @@ class EdgePatcher(Patcher):
         if not self._comp_dtype() or not self.graph.n_edges:
             return []
         hooks: list[Hook] = []
+        seen: set[Any] = set()
         for r in self.wiring.receivers:
             key = self._point(r)
-            if any(k == key for k in points) or any(h[0] == key for h in hooks):
+            if key in seen:  # a layer's q / k / v groups read one residual stream: one hook
                 continue
-            if r.mode == "projected":
-                name = r.ln_hook
-            else:
-                name = r.hook
+            seen.add(key)
 
             def keep(x: Tensor, hook: Any, _k: Any = key, _split: bool = r.mode == "split") -> None:
-                if _k not in points:
-                    points[_k] = (x[:, :, 0] if _split else x).detach().clone()
-            hooks.append((name, keep))
+                points[_k] = (x[:, :, 0] if _split else x).detach().clone()
+            hooks.append((r.ln_hook if r.mode == "projected" else r.hook, keep))
         return hooks
 
     def _full_inputs(self, part: Any) -> list[Tensor]:
